@@ -1,0 +1,279 @@
+"""Environment → typed settings, in one place, with explicit defaults.
+
+Every variable the services read is declared here (and documented in the README's configuration
+table). ``from_env`` takes any mapping so tests can pass a plain dict instead of patching
+``os.environ``. A malformed value raises ``ConfigError`` naming the variable to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+DEFAULT_GPU_PORT = 8001
+DEFAULT_BACKEND_BIND = "127.0.0.1:8000"
+DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
+DEFAULT_ALLOWED_REGISTRIES = ("registry.ollama.ai", "hf.co")
+DEFAULT_NFS_ROOT = "/mnt/shared"
+DEFAULT_DATABASE_URL = "sqlite:////var/lib/gpu-bridge/backend.db"
+# systemd LoadCredential= exposes secrets under $CREDENTIALS_DIRECTORY/<name>; the roles use these names.
+API_TOKEN_CREDENTIAL = "api-token"  # noqa: S105 - a file name, not a secret
+BACKEND_TOKEN_CREDENTIAL = "backend-token"  # noqa: S105
+
+
+def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip()
+
+
+def env_str(env: Mapping[str, str], name: str, default: str) -> str:
+    return _get(env, name, default)  # type: ignore[return-value]
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | None = 0) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value != value or value < minimum:  # NaN or below the floor
+        raise ConfigError(f"{name}={raw} must be a number >= {minimum}")
+    return value
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+def env_list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def read_secret(env: Mapping[str, str], file_var: str, value_var: str, credential: str) -> str | None:
+    """A secret from, in order: ``<file_var>``, ``<value_var>``, systemd's credentials directory."""
+    path = _get(env, file_var)
+    if path is None:
+        cred_dir = _get(env, "CREDENTIALS_DIRECTORY")
+        candidate = os.path.join(cred_dir, credential) if cred_dir else None
+        if candidate and os.path.exists(candidate):
+            path = candidate
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                secret = fh.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"{file_var}: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file_var}: {path} is not UTF-8 text") from None
+        if not secret:
+            raise ConfigError(f"{file_var}: {path} is empty")
+        return secret
+    return _get(env, value_var)
+
+
+def split_host_port(entry: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port`` → (host, port)."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
+        host, port_text = entry.split(":")
+    else:
+        host, port_text = entry, ""
+    if not host:
+        raise ConfigError(f"GPU host entry {entry!r} has no host name")
+    if port_text:
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"GPU host entry {entry!r}: port {port_text!r} is not a number") from None
+        if not 0 < port < 65536:
+            raise ConfigError(f"GPU host entry {entry!r}: port out of range")
+    else:
+        port = default_port
+    return host, port
+
+
+@dataclass(frozen=True)
+class GpuServerSettings:
+    ollama_url: str = DEFAULT_OLLAMA_URL
+    api_token: str | None = None
+    allow_no_token: bool = False
+    allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES
+    ollama_connect_timeout: float = 2.0
+    ollama_read_timeout: float = 30.0
+    pull_stall_timeout: float = 300.0
+    max_concurrent_pulls: int = 2
+    max_queued_pulls: int = 16
+    rate_limit_per_minute: int = 60
+    max_body_bytes: int = 64 * 1024
+    ollama_models_dir: str | None = None
+    min_free_bytes: int = 10 * 1024**3
+    metrics_public: bool = False
+    job_retention_seconds: float = 3600.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GpuServerSettings:
+        env = os.environ if env is None else env
+        return cls(
+            ollama_url=env_str(env, "GPU_BRIDGE_OLLAMA_URL", DEFAULT_OLLAMA_URL).rstrip("/"),
+            api_token=read_secret(env, "GPU_BRIDGE_API_TOKEN_FILE", "GPU_BRIDGE_API_TOKEN", API_TOKEN_CREDENTIAL),
+            allow_no_token=env_bool(env, "GPU_BRIDGE_ALLOW_NO_TOKEN", False),
+            allowed_registries=env_list(env, "GPU_BRIDGE_ALLOWED_REGISTRIES", DEFAULT_ALLOWED_REGISTRIES),
+            ollama_connect_timeout=env_float(env, "GPU_BRIDGE_OLLAMA_CONNECT_TIMEOUT", 2.0, minimum=0.01),
+            ollama_read_timeout=env_float(env, "GPU_BRIDGE_OLLAMA_READ_TIMEOUT", 30.0, minimum=0.01),
+            pull_stall_timeout=env_float(env, "GPU_BRIDGE_PULL_STALL_TIMEOUT", 300.0, minimum=0.1),
+            max_concurrent_pulls=env_int(env, "GPU_BRIDGE_MAX_CONCURRENT_PULLS", 2, minimum=1),
+            max_queued_pulls=env_int(env, "GPU_BRIDGE_MAX_QUEUED_PULLS", 16, minimum=0),
+            rate_limit_per_minute=env_int(env, "GPU_BRIDGE_RATE_LIMIT_PER_MINUTE", 60, minimum=0),
+            max_body_bytes=env_int(env, "GPU_BRIDGE_MAX_BODY_BYTES", 64 * 1024, minimum=1024),
+            ollama_models_dir=_get(env, "GPU_BRIDGE_OLLAMA_MODELS_DIR"),
+            min_free_bytes=int(env_float(env, "GPU_BRIDGE_MIN_FREE_GB", 10.0) * 1024**3),
+            metrics_public=env_bool(env, "GPU_BRIDGE_METRICS_PUBLIC", False),
+            job_retention_seconds=env_float(env, "GPU_BRIDGE_JOB_RETENTION", 3600.0),
+        )
+
+
+@dataclass(frozen=True)
+class GpuHost:
+    """One GPU host as production addresses it. ``name`` is the host part: the NFS channel's id."""
+
+    name: str
+    port: int = DEFAULT_GPU_PORT
+    scheme: str = "http"
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.name}]" if ":" in self.name else self.name
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.port}"
+
+
+def parse_gpu_hosts(env: Mapping[str, str]) -> tuple[GpuHost, ...]:
+    port = env_int(env, "GPU_BRIDGE_GPU_PORT", DEFAULT_GPU_PORT, minimum=1)
+    scheme = env_str(env, "GPU_BRIDGE_GPU_SCHEME", "http")
+    if scheme not in ("http", "https"):
+        raise ConfigError(f"GPU_BRIDGE_GPU_SCHEME={scheme!r} must be http or https")
+    raw = _get(env, "GPU_INSTANCE_HOSTS") or _get(env, "GPU_INSTANCE_HOST") or ""
+    hosts: list[GpuHost] = []
+    for entry in raw.split(","):
+        if entry.strip():
+            name, p = split_host_port(entry, port)
+            if any(h.name == name and h.port == p for h in hosts):
+                continue
+            hosts.append(GpuHost(name=name, port=p, scheme=scheme))
+    return tuple(hosts)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    hosts: tuple[GpuHost, ...] = ()
+    api_token: str | None = None
+    connect_timeout: float = 3.0
+    read_timeout: float = 30.0
+    pull_timeout: float = 300.0
+    retries: int = 2
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 15.0
+    transport: str = "http"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
+        env = os.environ if env is None else env
+        transport = env_str(env, "GPU_BRIDGE_TRANSPORT", "http").lower()
+        if transport not in ("http", "nfs"):
+            raise ConfigError(f"GPU_BRIDGE_TRANSPORT={transport!r} must be http or nfs")
+        return cls(
+            hosts=parse_gpu_hosts(env),
+            api_token=read_secret(env, "GPU_BRIDGE_API_TOKEN_FILE", "GPU_BRIDGE_API_TOKEN", API_TOKEN_CREDENTIAL),
+            connect_timeout=env_float(env, "GPU_BRIDGE_CONNECT_TIMEOUT", 3.0, minimum=0.01),
+            read_timeout=env_float(env, "GPU_BRIDGE_READ_TIMEOUT", 30.0, minimum=0.01),
+            pull_timeout=env_float(env, "GPU_BRIDGE_PULL_TIMEOUT", 300.0, minimum=0.01),
+            retries=env_int(env, "GPU_BRIDGE_RETRIES", 2, minimum=0),
+            breaker_threshold=env_int(env, "GPU_BRIDGE_BREAKER_THRESHOLD", 3, minimum=1),
+            breaker_cooldown=env_float(env, "GPU_BRIDGE_BREAKER_COOLDOWN", 15.0),
+            transport=transport,
+        )
+
+
+@dataclass(frozen=True)
+class NfsSettings:
+    root: str = DEFAULT_NFS_ROOT
+    host_id: str = field(default_factory=socket.gethostname)
+    poll_interval: float = 0.05
+    heartbeat_interval: float = 2.0
+    command_timeout: float = 30.0
+    answer_retention: float = 3600.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> NfsSettings:
+        env = os.environ if env is None else env
+        return cls(
+            root=env_str(env, "GPU_BRIDGE_NFS_ROOT", DEFAULT_NFS_ROOT),
+            host_id=env_str(env, "GPU_BRIDGE_NFS_HOST_ID", socket.gethostname()),
+            poll_interval=env_float(env, "GPU_BRIDGE_NFS_POLL_INTERVAL", 0.05, minimum=0.001),
+            heartbeat_interval=env_float(env, "GPU_BRIDGE_NFS_HEARTBEAT_INTERVAL", 2.0, minimum=0.05),
+            command_timeout=env_float(env, "GPU_BRIDGE_NFS_COMMAND_TIMEOUT", 30.0, minimum=0.1),
+            answer_retention=env_float(env, "GPU_BRIDGE_NFS_ANSWER_RETENTION", 3600.0),
+        )
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    database_url: str = DEFAULT_DATABASE_URL
+    admin_token: str | None = None
+    bind: str = DEFAULT_BACKEND_BIND
+    cache_max_age: float = 10.0
+    max_body_bytes: int = 64 * 1024
+    client: ClientSettings = field(default_factory=ClientSettings)
+    nfs: NfsSettings = field(default_factory=NfsSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BackendSettings:
+        env = os.environ if env is None else env
+        return cls(
+            database_url=env_str(env, "GPU_BRIDGE_DATABASE_URL", DEFAULT_DATABASE_URL),
+            admin_token=read_secret(env, "GPU_BRIDGE_BACKEND_TOKEN_FILE", "GPU_BRIDGE_BACKEND_TOKEN",
+                                    BACKEND_TOKEN_CREDENTIAL),
+            bind=env_str(env, "GPU_BRIDGE_BACKEND_BIND", DEFAULT_BACKEND_BIND),
+            cache_max_age=env_float(env, "GPU_BRIDGE_CACHE_MAX_AGE", 10.0),
+            max_body_bytes=env_int(env, "GPU_BRIDGE_MAX_BODY_BYTES", 64 * 1024, minimum=1024),
+            client=ClientSettings.from_env(env),
+            nfs=NfsSettings.from_env(env),
+        )

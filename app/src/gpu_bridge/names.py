@@ -1,0 +1,96 @@
+"""Ollama's model-name grammar: ``host/namespace/model:tag``.
+
+Mirrors Ollama's own parser (see shared notes): defaults host ``registry.ollama.ai``, namespace
+``library``, tag ``latest``; the tag splits at the last ``:`` only if it follows the last ``/``.
+Anything the grammar rejects is refused before it can reach Ollama or a file name on the share.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidModelName, RegistryNotAllowed
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+MAX_NAME_LENGTH = 350 + 1 + 80 + 1 + 80 + 1 + 80
+
+_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,79}$")
+_MODEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
+_TAG = _MODEL
+
+
+@dataclass(frozen=True)
+class ModelName:
+    host: str
+    namespace: str
+    model: str
+    tag: str
+    # How the caller spelled it (minus a defaulted tag): the form Ollama lists, e.g.
+    # "llama3.2:latest" or "hf.co/org/repo:Q4_K_M".
+    display: str
+
+    @property
+    def full(self) -> str:
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+    def __str__(self) -> str:
+        return self.display
+
+
+def parse(name: object) -> ModelName:
+    """Parse and validate; raise ``InvalidModelName`` with a reason otherwise."""
+    if not isinstance(name, str) or not name:
+        raise InvalidModelName("model name is required (a non-empty string such as 'llama3.2:latest')")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidModelName(f"model name is longer than {MAX_NAME_LENGTH} characters")
+    if not name.isascii() or not name.isprintable() or any(c.isspace() for c in name):
+        raise InvalidModelName(f"invalid model name {name!r}: only ASCII letters, digits and _ - . : / are allowed")
+
+    rest, tag = name, None
+    colon, slash = name.rfind(":"), name.rfind("/")
+    if colon > slash:
+        rest, tag = name[:colon], name[colon + 1:]
+        if not tag:
+            raise InvalidModelName(f"invalid model name {name!r}: empty tag after ':'")
+    parts = rest.split("/")
+    if any(p == "" for p in parts):
+        raise InvalidModelName(f"invalid model name {name!r}: empty part between '/'")
+    if len(parts) > 3:
+        raise InvalidModelName(f"invalid model name {name!r}: at most host/namespace/model:tag")
+    if len(parts) == 3:
+        host, namespace, model = parts
+    elif len(parts) == 2:
+        host, (namespace, model) = DEFAULT_HOST, parts
+    else:
+        host, namespace, model = DEFAULT_HOST, DEFAULT_NAMESPACE, parts[0]
+
+    for value, pattern, what in ((host, _HOST, "registry host"), (namespace, _NAMESPACE, "namespace"),
+                                 (model, _MODEL, "model"), (tag or DEFAULT_TAG, _TAG, "tag")):
+        if not pattern.match(value) or value in (".", "..") or ".." in value:
+            raise InvalidModelName(f"invalid model name {name!r}: bad {what} {value!r}")
+    display = name if tag is not None else f"{name}:{DEFAULT_TAG}"
+    return ModelName(host=host, namespace=namespace, model=model, tag=tag or DEFAULT_TAG, display=display)
+
+
+def validate(name: object, allowed_registries: tuple[str, ...] | list[str] | None = None) -> ModelName:
+    """Parse, then check the registry host against an allow-list (case-insensitive)."""
+    parsed = parse(name)
+    if allowed_registries is not None:
+        allowed = {h.strip().lower() for h in allowed_registries if h.strip()}
+        if parsed.host.lower() not in allowed:
+            raise RegistryNotAllowed(
+                f"registry {parsed.host!r} is not allowed; allowed: {', '.join(sorted(allowed))} "
+                "(set GPU_BRIDGE_ALLOWED_REGISTRIES to change)")
+    return parsed
+
+
+def same_model(a: str, b: str) -> bool:
+    """True when two spellings name the same model (``llama3`` == ``llama3:latest``)."""
+    try:
+        return parse(a).full.lower() == parse(b).full.lower()
+    except InvalidModelName:
+        return False
