@@ -240,6 +240,12 @@ class NfsSettings:
     heartbeat_interval: float = 2.0
     command_timeout: float = 30.0
     answer_retention: float = 3600.0
+    # Worker side: refuse to run unless the root (or an ancestor other than /) is a mount point.
+    require_mount: bool = True
+    # Worker side: how often models.json is rewritten from Ollama's list (also after pull/delete).
+    models_refresh_interval: float = 5.0
+    # Worker side: optional local file, one JSON line per command executed/answered (audit, tests).
+    audit_log: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NfsSettings:
@@ -251,6 +257,9 @@ class NfsSettings:
             heartbeat_interval=env_float(env, "GPU_BRIDGE_NFS_HEARTBEAT_INTERVAL", 2.0, minimum=0.05),
             command_timeout=env_float(env, "GPU_BRIDGE_NFS_COMMAND_TIMEOUT", 30.0, minimum=0.1),
             answer_retention=env_float(env, "GPU_BRIDGE_NFS_ANSWER_RETENTION", 3600.0),
+            require_mount=env_bool(env, "GPU_BRIDGE_NFS_REQUIRE_MOUNT", True),
+            models_refresh_interval=env_float(env, "GPU_BRIDGE_NFS_MODELS_REFRESH", 5.0, minimum=0.05),
+            audit_log=_get(env, "GPU_BRIDGE_NFS_AUDIT_LOG"),
         )
 
 

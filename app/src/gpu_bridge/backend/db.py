@@ -1,0 +1,313 @@
+"""The backend's database: the model-list cache, pull records and an audit log (SQLAlchemy Core).
+
+SQLite by default (a file, WAL mode, busy timeout), PostgreSQL with ``postgresql+psycopg://``.
+The schema is versioned: ``schema_version`` holds one row, and ``MIGRATIONS`` lists ordered steps
+that run on start; each step is written so that running it again is harmless, and no step drops
+data. Add a step to change the schema; never edit a released one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from ..errors import ConfigError, GpuBridgeError
+
+log = logging.getLogger("gpu_bridge.backend")
+
+_PG_LOCK_ID = 727_301_001  # advisory lock: one migrator at a time on PostgreSQL
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
+
+# The latest schema, as the queries below use it. Migrations build it step by step.
+model_cache = sa.Table(
+    "model_cache", metadata,
+    sa.Column("host", sa.String(300), primary_key=True),
+    sa.Column("name", sa.String(600), primary_key=True),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False),
+)
+host_listing = sa.Table(
+    "host_listing", metadata,
+    sa.Column("host", sa.String(300), primary_key=True),
+    sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("model_count", sa.Integer, nullable=False),
+)
+audit_log = sa.Table(
+    "audit_log", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("model", sa.String(600)),
+    sa.Column("hosts", sa.JSON, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("detail", sa.JSON),
+    sa.Column("request_id", sa.String(128)),  # added in v2
+)
+pulls = sa.Table(
+    "pulls", metadata,  # added in v2
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(600), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("hosts", sa.JSON, nullable=False),
+)
+
+
+# --- migrations -----------------------------------------------------------------------------------
+def _v1(conn: Connection) -> None:
+    """Model cache, per-host listing times, audit log."""
+    m = sa.MetaData()
+    sa.Table("model_cache", m,
+             sa.Column("host", sa.String(300), primary_key=True),
+             sa.Column("name", sa.String(600), primary_key=True),
+             sa.Column("data", sa.JSON, nullable=False),
+             sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False))
+    sa.Table("host_listing", m,
+             sa.Column("host", sa.String(300), primary_key=True),
+             sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False),
+             sa.Column("model_count", sa.Integer, nullable=False))
+    sa.Table("audit_log", m,
+             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+             sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+             sa.Column("action", sa.String(32), nullable=False),
+             sa.Column("model", sa.String(600)),
+             sa.Column("hosts", sa.JSON, nullable=False),
+             sa.Column("outcome", sa.String(16), nullable=False),
+             sa.Column("detail", sa.JSON))
+    m.create_all(conn, checkfirst=True)
+
+
+def _v2(conn: Connection) -> None:
+    """Pull records (backend pull id → job per host); request id in the audit log."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("audit_log")}
+    if "request_id" not in columns:
+        conn.execute(sa.text("ALTER TABLE audit_log ADD COLUMN request_id VARCHAR(128)"))
+    m = sa.MetaData()
+    sa.Table("pulls", m,
+             sa.Column("id", sa.String(64), primary_key=True),
+             sa.Column("model", sa.String(600), nullable=False),
+             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+             sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+             sa.Column("state", sa.String(16), nullable=False),
+             sa.Column("hosts", sa.JSON, nullable=False))
+    m.create_all(conn, checkfirst=True)
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_pulls_created_at ON pulls (created_at)"))
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_audit_log_at ON audit_log (at)"))
+
+
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2)]
+LATEST = MIGRATIONS[-1][0]
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite gives naive datetimes back: they were stored as UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    value = as_utc(value)
+    return value.isoformat(timespec="seconds").replace("+00:00", "Z") if value else None
+
+
+def redact(url: str) -> str:
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable GPU_BRIDGE_DATABASE_URL>"
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` / ``postgres://`` → the psycopg 3 driver we ship."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+class DatabaseUnavailable(GpuBridgeError):
+    status = 503
+    code = "database_unavailable"
+
+
+def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    try:
+        parsed = sa.make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"GPU_BRIDGE_DATABASE_URL={url!r} is not a database URL "
+                          "(use sqlite:////path/backend.db or postgresql+psycopg://user@host/db)") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        path = parsed.database
+        if path and path != ":memory:" and not path.startswith("file:"):
+            parent = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"GPU_BRIDGE_DATABASE_URL: cannot create directory {parent}: {exc.strerror}") \
+                    from None
+        engine = sa.create_engine(parsed, connect_args={"timeout": 10})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every SQLite test
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    if backend == "postgresql":
+        try:
+            return sa.create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                                    connect_args={"connect_timeout": 5})
+        except (ImportError, SQLAlchemyError) as exc:
+            raise ConfigError(f"GPU_BRIDGE_DATABASE_URL: {exc}") from None
+    raise ConfigError(f"GPU_BRIDGE_DATABASE_URL: unsupported database {backend!r} (use sqlite or postgresql+psycopg)")
+
+
+class Database:
+    def __init__(self, url: str):
+        self.url = normalize_url(url)
+        self.engine = make_engine(self.url)
+        self.dialect = self.engine.dialect.name
+
+    # --- schema --------------------------------------------------------------------------------
+    def version(self) -> int:
+        with self.engine.connect() as conn:
+            return self._version(conn)
+
+    @staticmethod
+    def _version(conn: Connection) -> int:
+        if not sa.inspect(conn).has_table("schema_version"):
+            return 0
+        return conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+
+    def migrate(self, target: int | None = None) -> int:
+        """Bring the schema to ``target`` (default: latest); return the version reached."""
+        try:
+            with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+                schema_version.create(conn, checkfirst=True)
+                current = self._version(conn)
+                if current > LATEST:
+                    raise ConfigError(f"the database {redact(self.url)} has schema version {current}, newer than "
+                                      f"this gpu-bridge knows ({LATEST}): upgrade gpu-bridge")
+                for number, step in MIGRATIONS:
+                    if number <= current or (target is not None and number > target):
+                        continue
+                    log.info("database: migrating schema to version %d", number)
+                    step(conn)
+                    conn.execute(schema_version.delete())
+                    conn.execute(schema_version.insert().values(version=number))
+                    current = number
+                return current
+        except SQLAlchemyError as exc:
+            raise ConfigError(f"cannot open the database {redact(self.url)}: {_short(exc)}") from None
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # --- model cache ---------------------------------------------------------------------------
+    def store_host_models(self, host: str, models: list[dict], fetched_at: datetime | None = None) -> None:
+        """Replace one host's cached list."""
+        fetched_at = fetched_at or utcnow()
+        rows, seen = [], set()
+        for m in models:
+            name = m.get("name") if isinstance(m, dict) else None
+            if isinstance(name, str) and name not in seen:
+                seen.add(name)
+                rows.append({"host": host, "name": name, "data": m, "fetched_at": fetched_at})
+        with self.engine.begin() as conn:
+            conn.execute(model_cache.delete().where(model_cache.c.host == host))
+            if rows:
+                conn.execute(model_cache.insert(), rows)
+            conn.execute(host_listing.delete().where(host_listing.c.host == host))
+            conn.execute(host_listing.insert().values(host=host, fetched_at=fetched_at, model_count=len(rows)))
+
+    def forget_model(self, host: str, name: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(model_cache.delete().where(model_cache.c.host == host, model_cache.c.name == name))
+
+    def cached_models(self, hosts: list[str]) -> tuple[dict[str, list[dict]], dict[str, datetime]]:
+        """({host: [model, ...]}, {host: fetched_at}) for the hosts that have a cached listing."""
+        with self.engine.connect() as conn:
+            listings = conn.execute(sa.select(host_listing).where(host_listing.c.host.in_(hosts))).all()
+            fetched = {row.host: as_utc(row.fetched_at) for row in listings}
+            per_host: dict[str, list[dict]] = {h: [] for h in hosts if h in fetched}
+            rows = conn.execute(sa.select(model_cache.c.host, model_cache.c.data)
+                                .where(model_cache.c.host.in_(list(fetched)))
+                                .order_by(model_cache.c.host, model_cache.c.name)).all()
+            for row in rows:
+                per_host[row.host].append(row.data)
+        return per_host, fetched
+
+    # --- audit log -----------------------------------------------------------------------------
+    def audit(self, action: str, model: str | None, hosts: list[str], outcome: str, detail: dict | None = None,
+              request_id: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(audit_log.insert().values(at=utcnow(), action=action, model=model, hosts=hosts,
+                                                   outcome=outcome, detail=detail, request_id=request_id))
+
+    def audit_entries(self, limit: int = 50) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)).all()
+        return [{"id": r.id, "at": iso(r.at), "action": r.action, "model": r.model, "hosts": r.hosts,
+                 "outcome": r.outcome, "detail": r.detail, "request_id": r.request_id} for r in rows]
+
+    # --- pulls ---------------------------------------------------------------------------------
+    def create_pull(self, pull_id: str, model: str, state: str, hosts: dict) -> None:
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(pulls.insert().values(id=pull_id, model=model, created_at=now, updated_at=now,
+                                               state=state, hosts=hosts))
+
+    def update_pull(self, pull_id: str, state: str, hosts: dict) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(pulls.update().where(pulls.c.id == pull_id)
+                         .values(state=state, hosts=hosts, updated_at=utcnow()))
+
+    def get_pull(self, pull_id: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(pulls).where(pulls.c.id == pull_id)).first()
+        return _pull_dict(row) if row else None
+
+    def list_pulls(self, limit: int = 50) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(pulls).order_by(pulls.c.created_at.desc()).limit(limit)).all()
+        return [_pull_dict(r) for r in rows]
+
+
+def _pull_dict(row) -> dict:
+    return {"id": row.id, "model": row.model, "created_at": iso(row.created_at), "updated_at": iso(row.updated_at),
+            "state": row.state, "hosts": dict(row.hosts or {})}
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+__all__ = ["LATEST", "MIGRATIONS", "Database", "DatabaseUnavailable", "redact"]

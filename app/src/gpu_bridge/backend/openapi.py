@@ -1,0 +1,174 @@
+"""OpenAPI 3.0 description of the backend, hand-written to match routes.py."""
+
+from __future__ import annotations
+
+from .. import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _err(description: str) -> dict:
+    return _json(_ERROR, description)
+
+
+def openapi_document() -> dict:
+    host_result = {
+        "type": "object",
+        "description": "One GPU host's outcome: ok with a Job (pull) or deleted name, or an error.",
+        "properties": {
+            "ok": {"type": "boolean"},
+            "job": {"$ref": "#/components/schemas/Job"},
+            "deleted": {"type": "string"},
+            "error": {"type": "string"}, "code": {"type": "string"}, "status": {"type": "integer"},
+        },
+        "required": ["ok"],
+    }
+    model_body = {
+        "type": "object", "required": ["model"],
+        "properties": {
+            "model": {"type": "string", "example": "llama3.2:latest"},
+            "hosts": {"type": "array", "items": {"type": "string"},
+                      "description": "GPU host names or labels (name:port); default: every host"},
+        },
+    }
+    pull_body = {**model_body, "properties": {**model_body["properties"],
+                                              "wait": {"type": "boolean", "default": False,
+                                                       "description": "block until the pull ends (read timeout "
+                                                                      "GPU_BRIDGE_PULL_TIMEOUT per host)"}}}
+    per_host = {"type": "object", "additionalProperties": host_result}
+    progress = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "model": {"type": "string"}, "created_at": {"type": "string"},
+            "state": {"type": "string", "enum": ["running", "succeeded", "failed", "cancelled", "partial"]},
+            "done": {"type": "boolean"},
+            "completed": {"type": "integer"}, "total": {"type": "integer"},
+            "percent": {"type": "number", "nullable": True},
+            "results": per_host,
+        },
+    }
+    failed = "every selected GPU host failed: the common status of the failures (else 502); body names the hosts"
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "gpu-bridge backend", "version": __version__,
+                 "description": "Model management on the GPU hosts for the production web app. State-changing "
+                                "routes need 'Authorization: Bearer <admin token>' when the backend is bound "
+                                "beyond loopback. Every answer carries X-Request-ID."},
+        "paths": {
+            "/config/models": {"get": {
+                "summary": "Models on every GPU host, merged; the cached list (stale: true) when none answers",
+                "parameters": [{"name": "refresh", "in": "query", "schema": {"type": "boolean"},
+                                "description": "skip the short-lived cache (GPU_BRIDGE_CACHE_MAX_AGE)"}],
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/ModelList"}, "merged model list"),
+                    "502": _err("no host answered (e.g. token rejected) and nothing is cached"),
+                    "503": _err("no host answered and nothing is cached; 'hosts' says why per host"),
+                    "504": _err("every host timed out and nothing is cached"),
+                }}},
+            "/config/pull-model": {"post": {
+                "summary": "Start a pull on every (or the chosen) GPU host",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": pull_body}}},
+                "responses": {
+                    "202": _json({"type": "object", "properties": {
+                        "id": {"type": "string", "description": "backend pull id for /config/pull-status/{id}"},
+                        "model": {"type": "string"}, "results": per_host, "partial": {"type": "boolean"}}},
+                        "started on at least one host (header Location: /config/pull-status/{id})"),
+                    "200": _json({"type": "object"}, "wait: true and the pull ended on at least one host"),
+                    "400": _err("bad JSON, missing 'model', invalid model name, unknown host"),
+                    "401": _err("admin token missing or wrong"),
+                    "413": _err("body larger than GPU_BRIDGE_MAX_BODY_BYTES"),
+                    "502": _err(failed), "503": _err(failed), "504": _err(failed),
+                }}},
+            "/config/pull-status/{id}": {"get": {
+                "summary": "Progress of a pull, per host and overall",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _json(progress, "pull progress"),
+                              "404": _err("unknown pull id (code pull_not_found)"),
+                              "503": _err("database unavailable")}}},
+            "/config/cancel-pull": {"post": {
+                "summary": "Cancel a running pull on every host it runs on",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}}}},
+                "responses": {"200": _json(progress, "cancelled (or already finished)"),
+                              "400": _err("missing id"), "401": _err("admin token missing or wrong"),
+                              "404": _err("unknown pull id"), "502": _err(failed), "503": _err(failed)}}},
+            "/config/pulls": {"get": {
+                "summary": "Recent pulls (newest first)",
+                "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
+                "responses": {"200": _json({"type": "object", "properties": {"pulls": {"type": "array", "items": {
+                    "type": "object"}}}}, "recent pulls")}}},
+            "/config/delete-model": {"post": {
+                "summary": "Delete a model on every (or the chosen) GPU host",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": model_body}}},
+                "responses": {
+                    "200": _json({"type": "object", "properties": {
+                        "model": {"type": "string"}, "results": per_host, "partial": {"type": "boolean"}}},
+                        "deleted on at least one host"),
+                    "400": _err("bad request"), "401": _err("admin token missing or wrong"),
+                    "404": _err("the model is on no selected host (code model_not_found)"),
+                    "502": _err(failed), "503": _err(failed), "504": _err(failed),
+                }}},
+            "/config/audit": {"get": {
+                "summary": "Audit log of pull, cancel and delete requests (newest first)",
+                "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
+                "responses": {"200": _json({"type": "object", "properties": {"entries": {"type": "array", "items": {
+                    "type": "object", "properties": {
+                        "id": {"type": "integer"}, "at": {"type": "string"}, "action": {"type": "string"},
+                        "model": {"type": "string"}, "hosts": {"type": "array", "items": {"type": "string"}},
+                        "outcome": {"type": "string", "enum": ["ok", "partial", "failed"]},
+                        "detail": {"type": "object"}, "request_id": {"type": "string"}}}}}}, "audit entries")}}},
+            "/health": {"get": {
+                "summary": "Liveness, database and each GPU host's state (always 200 while the process runs)",
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "status": {"type": "string", "enum": ["ok", "degraded"]},
+                    "version": {"type": "string"}, "uptime_seconds": {"type": "number"},
+                    "transport": {"type": "string", "enum": ["http", "nfs"]},
+                    "db": {"type": "object", "properties": {"ok": {"type": "boolean"}, "dialect": {"type": "string"},
+                                                            "schema_version": {"type": "integer"},
+                                                            "error": {"type": "string"}}},
+                    "gpu_hosts": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                        "ok": {"type": "boolean"}, "status": {"type": "string"},
+                        "breaker": {"type": "object", "properties": {
+                            "state": {"type": "string", "enum": ["closed", "open", "half_open"]},
+                            "consecutive_failures": {"type": "integer"}, "last_error": {"type": "string"}}},
+                        "latency_ms": {"type": "number", "nullable": True},
+                        "error": {"type": "string"}, "code": {"type": "string"}}}},
+                }}, "health")}}},
+            "/api/openapi.json": {"get": {"summary": "This document",
+                                          "responses": {"200": {"description": "OpenAPI 3.0 document"}}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "code"], "properties": {
+                    "error": {"type": "string"}, "code": {"type": "string"}, "host": {"type": "string"},
+                    "hosts": {"description": "failed host labels (or, for /config/models, status per host)"},
+                    "results": per_host}},
+                "Job": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "model": {"type": "string"},
+                    "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+                    "completed": {"type": "integer"}, "total": {"type": "integer"},
+                    "percent": {"type": "number", "nullable": True}, "status": {"type": "string"},
+                    "error": {"type": "string", "nullable": True}, "error_code": {"type": "string", "nullable": True},
+                    "created_at": {"type": "string"}, "started_at": {"type": "string", "nullable": True},
+                    "finished_at": {"type": "string", "nullable": True}, "updated_at": {"type": "string"}}},
+                "ModelList": {"type": "object", "required": ["models", "hosts", "source", "stale", "fetched_at"],
+                              "properties": {
+                                  "models": {"type": "array", "items": {"type": "object", "properties": {
+                                      "name": {"type": "string"}, "size": {"type": "integer"},
+                                      "digest": {"type": "string"}, "modified_at": {"type": "string"},
+                                      "details": {"type": "object"},
+                                      "hosts": {"type": "array", "items": {"type": "string"}}}}},
+                                  "hosts": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                                      "ok": {"type": "boolean"}, "error": {"type": "string"},
+                                      "code": {"type": "string"}}}},
+                                  "source": {"type": "string", "enum": ["gpu", "cache"]},
+                                  "stale": {"type": "boolean"},
+                                  "fetched_at": {"type": "string"}}},
+            },
+        },
+    }

@@ -1,0 +1,141 @@
+"""Per-host circuit breaker: a dead GPU host costs no waiting.
+
+closed     calls go through; ``threshold`` consecutive host failures open the circuit.
+open       calls fail at once with ``CircuitOpen`` until ``cooldown`` seconds have passed.
+half_open  after the cool-down exactly one trial call goes through; success closes the circuit,
+           failure opens it again for another cool-down. Other callers still get ``CircuitOpen``
+           while the trial is in flight.
+
+Only host failures (the ``GpuHostError`` family) count. A 4xx answer (unknown model, bad name) or a
+failed pull job means the host answered, so it counts as a success.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from ..errors import CircuitOpen, GpuBridgeError, GpuHostError
+
+T = TypeVar("T")
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class CircuitBreaker:
+    def __init__(self, name: str, threshold: int = 3, cooldown: float = 15.0,
+                 clock: Callable[[], float] = time.monotonic):
+        if threshold < 1:
+            raise ValueError("threshold must be >= 1")
+        self.name = name
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trial_in_flight = False
+        self.last_error: str | None = None
+        self.last_error_code: str | None = None
+        self.last_failure_at: float | None = None
+        self.last_success_at: float | None = None
+
+    # --- state -------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        with self._lock:
+            return self._current_state()
+
+    def _current_state(self) -> str:
+        if self._state == OPEN and self._clock() - self._opened_at >= self.cooldown:
+            return HALF_OPEN
+        return self._state
+
+    def retry_in(self) -> float:
+        """Seconds until a trial call is allowed (0 when not open)."""
+        with self._lock:
+            if self._state != OPEN:
+                return 0.0
+            return max(0.0, self.cooldown - (self._clock() - self._opened_at))
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            state = self._current_state()
+            out = {"state": state, "consecutive_failures": self._failures}
+            if self._state == OPEN:
+                out["retry_in_s"] = round(max(0.0, self.cooldown - (self._clock() - self._opened_at)), 1)
+            if self.last_error is not None:
+                out["last_error"] = self.last_error
+                out["last_error_code"] = self.last_error_code
+            return out
+
+    # --- protocol ----------------------------------------------------------------------------
+    def before_call(self) -> bool:
+        """Raise ``CircuitOpen`` or admit the call; True when the call is the half-open trial."""
+        with self._lock:
+            state = self._current_state()
+            if state == CLOSED:
+                return False
+            if state == HALF_OPEN and not self._trial_in_flight:
+                self._state = HALF_OPEN
+                self._trial_in_flight = True
+                return True
+            wait = max(0.0, self.cooldown - (self._clock() - self._opened_at))
+            detail = f"; last error: {self.last_error}" if self.last_error else ""
+            when = f"next try in {wait:.0f} s" if state == OPEN else "a trial call is in progress"
+            failures = self._failures
+        raise CircuitOpen(f"{self.name} is marked down after {failures} consecutive failures ({when}){detail}",
+                          host=self.name)
+
+    def record_success(self, trial: bool = False) -> None:
+        with self._lock:
+            self._failures = 0
+            self._state = CLOSED
+            if trial:
+                self._trial_in_flight = False
+            self.last_success_at = self._clock()
+
+    def record_failure(self, exc: BaseException | None = None, trial: bool = False) -> None:
+        with self._lock:
+            self._failures += 1
+            if trial:
+                self._trial_in_flight = False
+            if exc is not None:
+                self.last_error = getattr(exc, "message", None) or str(exc)
+                self.last_error_code = getattr(exc, "code", None)
+            self.last_failure_at = self._clock()
+            if trial or self._state == HALF_OPEN or self._failures >= self.threshold:
+                self._state = OPEN
+                self._opened_at = self._clock()
+
+    def release_trial(self, trial: bool) -> None:
+        """The trial ended without a verdict (a bug, not a host failure): let the next call try."""
+        if trial:
+            with self._lock:
+                self._trial_in_flight = False
+
+    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        trial = self.before_call()
+        try:
+            result = fn(*args, **kwargs)
+        except GpuHostError as exc:
+            self.record_failure(exc, trial)
+            raise
+        except GpuBridgeError:
+            self.record_success(trial)  # the host answered (4xx, failed job): it is alive
+            raise
+        except BaseException:
+            self.release_trial(trial)
+            raise
+        self.record_success(trial)
+        return result
+
+    def reset(self) -> None:
+        with self._lock:
+            self._state, self._failures, self._trial_in_flight = CLOSED, 0, False
+
+
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "CircuitBreaker"]

@@ -1,0 +1,266 @@
+"""``GpuFleet``: every configured GPU host behind one object, one transport and one breaker each.
+
+- listing asks every host in parallel and merges the answers: each model says which hosts have it
+  (``hosts: [label, ...]``) and each host says whether it answered (``ok`` or ``error``/``code``);
+- pull and delete go to every host (or a chosen subset, by name or label) in parallel and report per
+  host; a host whose breaker is open answers ``gpu_circuit_open`` at once instead of costing a timeout;
+- single-host operations prefer a healthy host (``call_any``).
+
+Host labels (``name:port``) identify hosts everywhere; a selection may also use the bare name.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .. import names
+from ..config import BackendSettings, GpuHost
+from ..errors import ConfigError, GpuBridgeError, GpuHostError, InvalidRequest, NoHealthyHost
+from . import make_transport
+from .base import GpuTransport
+from .breaker import CLOSED, HALF_OPEN, CircuitBreaker
+
+TransportFactory = Callable[[GpuHost, BackendSettings], GpuTransport]
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def error_summary(exc: GpuBridgeError) -> dict:
+    """A failure as a per-host result: ``{"ok": false, "error", "code", "status"}`` (+ ``job``)."""
+    out = {"ok": False, "error": exc.message, "code": exc.code, "status": exc.status}
+    if "job" in exc.extra:
+        out["job"] = exc.extra["job"]
+    return out
+
+
+@dataclass
+class HostSlot:
+    host: GpuHost
+    transport: GpuTransport
+    breaker: CircuitBreaker
+    latency_ms: float | None = None
+    last_ok_at: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.host.label
+
+
+class GpuFleet:
+    def __init__(self, settings: BackendSettings, transport_factory: TransportFactory = make_transport,
+                 *, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        hosts = settings.client.hosts
+        if not hosts:
+            raise ConfigError("no GPU host configured: set GPU_INSTANCE_HOSTS (comma-separated host[:port]) "
+                              "or GPU_INSTANCE_HOST")
+        cs = settings.client
+        self.slots: dict[str, HostSlot] = {}
+        for host in hosts:
+            self.slots[host.label] = HostSlot(
+                host=host, transport=transport_factory(host, settings),
+                breaker=CircuitBreaker(host.label, cs.breaker_threshold, cs.breaker_cooldown, clock=clock))
+        self.transport_kind = next(iter(self.slots.values())).transport.kind
+
+    # --- hosts ---------------------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        return list(self.slots)
+
+    def select(self, hosts: Iterable[str] | None) -> list[str]:
+        """Labels for a selection of names or labels; None or empty → every host."""
+        if not hosts:
+            return self.labels
+        chosen: list[str] = []
+        for wanted in hosts:
+            if not isinstance(wanted, str) or not wanted.strip():
+                raise InvalidRequest("'hosts' must be a list of GPU host names or labels (name:port)")
+            wanted = wanted.strip()
+            matches = [lbl for lbl, s in self.slots.items() if wanted in (lbl, s.host.name)]
+            if not matches:
+                raise InvalidRequest(f"unknown GPU host {wanted!r}: known hosts are {', '.join(self.labels)} "
+                                     "(GPU_INSTANCE_HOSTS)")
+            chosen.extend(m for m in matches if m not in chosen)
+        return chosen
+
+    def preferred(self) -> list[str]:
+        """Hosts best first: closed breakers by latency, then half-open, then open."""
+        rank = {CLOSED: 0, HALF_OPEN: 1}
+
+        def key(label: str):
+            slot = self.slots[label]
+            return (rank.get(slot.breaker.state, 2), slot.latency_ms if slot.latency_ms is not None else 1e9)
+
+        return sorted(self.slots, key=key)
+
+    # --- calls -----------------------------------------------------------------------------------
+    def call(self, label: str, method: str, *args):
+        """One transport method on one host, through its breaker."""
+        slot = self.slots.get(label)
+        if slot is None:
+            raise InvalidRequest(f"unknown GPU host {label!r}: known hosts are {', '.join(self.labels)}")
+        started = time.monotonic()
+        result = slot.breaker.call(getattr(slot.transport, method), *args)
+        slot.latency_ms = round((time.monotonic() - started) * 1000, 1)
+        slot.last_ok_at = utc_now_iso()
+        return result
+
+    def call_any(self, method: str, *args) -> tuple[str, object]:
+        """Run on the best host; on a host failure try the next. Returns (label, result)."""
+        errors: list[str] = []
+        for label in self.preferred():
+            try:
+                return label, self.call(label, method, *args)
+            except GpuHostError as exc:
+                errors.append(exc.message)
+        raise NoHealthyHost("no GPU host could serve the request: " + "; ".join(errors))
+
+    def fan_out(self, labels: list[str], method: str, *args) -> dict[str, tuple[bool, object]]:
+        """``method(*args)`` on each host in parallel: {label: (True, result) | (False, GpuBridgeError)}."""
+        def one(label: str):
+            try:
+                return True, self.call(label, method, *args)
+            except GpuBridgeError as exc:
+                return False, exc
+
+        if len(labels) == 1:
+            return {labels[0]: one(labels[0])}
+        out: dict[str, tuple[bool, object]] = {}
+        with ThreadPoolExecutor(max_workers=len(labels), thread_name_prefix="gpu-fleet") as pool:
+            # Each task gets a copy of the caller's context (the request id travels with it).
+            futures = {lbl: pool.submit(contextvars.copy_context().run, one, lbl) for lbl in labels}
+            for lbl, fut in futures.items():
+                out[lbl] = fut.result()
+        return out
+
+    # --- operations ------------------------------------------------------------------------------
+    def list_models(self, hosts: Iterable[str] | None = None) -> dict:
+        """``{"models": merged, "hosts": {label: status}, "per_host": {label: [model, ...]}}``
+        (``per_host`` only for hosts that answered)."""
+        labels = self.select(hosts)
+        answers = self.fan_out(labels, "list_models")
+        per_host: dict[str, list[dict]] = {}
+        statuses: dict[str, dict] = {}
+        for label, (ok, value) in answers.items():
+            if ok:
+                per_host[label] = list(value)
+                statuses[label] = {"ok": True, "models": len(value), "latency_ms": self.slots[label].latency_ms}
+            else:
+                statuses[label] = error_summary(value)
+        return {"models": merge_models(per_host), "hosts": statuses, "per_host": per_host}
+
+    def pull(self, model: str, hosts: Iterable[str] | None = None, *, wait: bool = False) -> dict[str, dict]:
+        """Start (or, with wait, run) a pull on each selected host: {label: {"ok", "job"} | failure}."""
+        name = names.parse(model).display
+        labels = self.select(hosts)
+        answers = self.fan_out(labels, "pull_and_wait" if wait else "start_pull", name)
+        return {lbl: ({"ok": True, "job": value} if ok else error_summary(value)) for lbl, (ok, value) in
+                answers.items()}
+
+    def delete(self, model: str, hosts: Iterable[str] | None = None) -> dict[str, dict]:
+        name = names.parse(model).display
+        labels = self.select(hosts)
+        answers = self.fan_out(labels, "delete_model", name)
+        return {lbl: ({"ok": True, **(value or {})} if ok else error_summary(value)) for lbl, (ok, value) in
+                answers.items()}
+
+    def get_job(self, label: str, job_id: str) -> dict:
+        return self.call(label, "get_job", job_id)
+
+    def cancel_job(self, label: str, job_id: str) -> dict:
+        return self.call(label, "cancel_job", job_id)
+
+    def jobs(self, wanted: dict[str, str]) -> dict[str, tuple[bool, object]]:
+        """Several (host → job id) look-ups in parallel."""
+        def one(label: str):
+            try:
+                return True, self.get_job(label, wanted[label])
+            except GpuBridgeError as exc:
+                return False, exc
+
+        labels = [lbl for lbl in wanted if lbl in self.slots]
+        if not labels:
+            return {}
+        with ThreadPoolExecutor(max_workers=len(labels), thread_name_prefix="gpu-fleet") as pool:
+            futures = {lbl: pool.submit(contextvars.copy_context().run, one, lbl) for lbl in labels}
+            return {lbl: fut.result() for lbl, fut in futures.items()}
+
+    def health(self) -> dict[str, dict]:
+        """Each host's state: probes ``health()`` through the breaker (an open breaker costs nothing)."""
+        answers = self.fan_out(self.labels, "health")
+        out: dict[str, dict] = {}
+        for label, (ok, value) in answers.items():
+            slot = self.slots[label]
+            entry = {"ok": ok, "breaker": slot.breaker.snapshot(), "latency_ms": slot.latency_ms,
+                     "last_ok_at": slot.last_ok_at}
+            if ok:
+                doc = value if isinstance(value, dict) else {}
+                entry["status"] = doc.get("status")
+                ollama = doc.get("ollama") or {}
+                entry["ollama_reachable"] = ollama.get("reachable")
+                # A host without a usable GPU still serves model operations: only Ollama decides "ok".
+                entry["ok"] = ollama.get("reachable") is not False
+                if not entry["ok"]:
+                    entry["error"] = f"{label}: Ollama is not reachable" + (
+                        f" ({ollama['error']})" if ollama.get("error") else "") + \
+                        f": check ollama.service on {slot.host.name}"
+                    entry["code"] = "ollama_unavailable"
+            else:
+                entry["error"], entry["code"] = value.message, value.code
+            out[label] = entry
+        return out
+
+    def status(self) -> dict[str, dict]:
+        """Breaker and latency per host, without any network call."""
+        return {lbl: {"breaker": s.breaker.snapshot(), "latency_ms": s.latency_ms, "last_ok_at": s.last_ok_at}
+                for lbl, s in self.slots.items()}
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            try:
+                slot.transport.close()
+            except Exception:  # noqa: BLE001, S110 - closing is best effort
+                pass
+
+
+def merge_models(per_host: dict[str, list[dict]]) -> list[dict]:
+    """One entry per model name (first host's fields), with ``hosts``: the labels that have it."""
+    merged: dict[str, dict] = {}
+    for label, models in per_host.items():
+        for m in models:
+            if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+                continue
+            key = m["name"].lower()
+            entry = merged.get(key)
+            if entry is None:
+                entry = {"name": m["name"], "size": m.get("size"), "digest": m.get("digest"),
+                         "modified_at": m.get("modified_at"), "details": m.get("details"), "hosts": []}
+                merged[key] = entry
+            elif m.get("digest") and entry.get("digest") and m.get("digest") != entry["digest"]:
+                entry["digest_differs"] = True  # same name, different build on some host
+            if label not in entry["hosts"]:
+                entry["hosts"].append(label)
+    return list(merged.values())
+
+
+def summarize(results: dict[str, dict]) -> dict:
+    """Outcome of a per-host fan-out: ok/failed host lists, ``partial``, and the status to answer with
+    when every host failed (their common status, else 502)."""
+    ok = [lbl for lbl, r in results.items() if r.get("ok")]
+    failed = [lbl for lbl, r in results.items() if not r.get("ok")]
+    statuses = {results[lbl].get("status", 502) for lbl in failed}
+    codes = {results[lbl].get("code") for lbl in failed}
+    return {"ok": ok, "failed": failed, "partial": bool(ok and failed),
+            "status": statuses.pop() if len(statuses) == 1 else 502,
+            "code": codes.pop() if len(codes) == 1 else "gpu_hosts_failed"}
+
+
+__all__ = ["GpuFleet", "HostSlot", "error_summary", "merge_models", "summarize", "utc_now_iso"]

@@ -1,0 +1,340 @@
+"""HTTP transport: one GPU host's ``/api/*`` reached with one ``requests.Session``.
+
+Robustness rules (docs/architecture.md, shared conventions):
+- one session per host, so connections are reused; every call has ``timeout=(connect, read)``;
+- retries only where safe: GET and DELETE after a read failure, any method when the connection was
+  refused (nothing was sent). A connect *timeout* is not retried: a host that did not answer a SYN
+  within the connect timeout will not answer the next one either, and the breaker counts it;
+- a pull is never retried blindly (a POST whose request may have reached the host);
+- every failure is classified into the project's error types in ONE place, ``_classify``, with a
+  message that names the host and says what to check.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import errno
+import time
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+from urllib3.util.retry import Retry
+
+from .. import __version__, names
+from ..config import ClientSettings, GpuHost
+from ..errors import (
+    Conflict,
+    GpuBridgeError,
+    GpuHostError,
+    GpuHostTimeout,
+    GpuHostUnauthorized,
+    GpuHostUnreachable,
+    InsufficientStorage,
+    InvalidModelName,
+    InvalidRequest,
+    JobNotFound,
+    ModelNotFound,
+    NotFound,
+    OllamaError,
+    OllamaTimeout,
+    OllamaUnavailable,
+    PayloadTooLarge,
+    PullStalled,
+    QueueFull,
+    RateLimited,
+    RegistryNotAllowed,
+)
+from .base import GpuTransport
+
+# The X-Request-ID of the request being served; forwarded to GPU hosts. The backend sets it per
+# request; GpuFleet copies the context into its worker threads.
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpu_bridge_request_id",
+                                                                                default=None)
+
+# Error codes the GPU server sends (docs/architecture.md) -> our types. Anything else falls back to
+# the HTTP status.
+_CODE_TYPES: dict[str, type[GpuBridgeError]] = {
+    "invalid_request": InvalidRequest,
+    "invalid_model_name": InvalidModelName,
+    "registry_not_allowed": RegistryNotAllowed,
+    "model_not_found": ModelNotFound,
+    "job_not_found": JobNotFound,
+    "conflict": Conflict,
+    "cancelled": Conflict,
+    "payload_too_large": PayloadTooLarge,
+    "rate_limited": RateLimited,
+    "queue_full": QueueFull,
+    "insufficient_storage": InsufficientStorage,
+    "ollama_error": OllamaError,
+    "ollama_unavailable": OllamaUnavailable,
+    "ollama_timeout": OllamaTimeout,
+    "pull_stalled": PullStalled,
+}
+# Codes that mean "this host cannot serve model operations right now": they become GpuHostError
+# (and count against the host's circuit breaker). A failed *job* (stall, Ollama error while pulling)
+# is an outcome of that pull, not a sick host, and keeps its own type.
+_HOST_DOWN_CODES = {"ollama_unavailable", "ollama_timeout"}
+
+
+class _SafeRetry(Retry):
+    """urllib3 Retry that does not retry a connect *timeout* (refused connections still retry)."""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        if isinstance(error, ConnectTimeoutError) and not isinstance(error, NewConnectionError):
+            # MaxRetryError keeps requests' mapping: it surfaces as requests.ConnectTimeout.
+            raise MaxRetryError(_pool, url, error) from error
+        return super().increment(method=method, url=url, response=response, error=error, _pool=_pool,
+                                 _stacktrace=_stacktrace)
+
+
+def _retry_policy(retries: int) -> Retry:
+    return _SafeRetry(
+        total=None,
+        connect=retries,          # refused / DNS failures: nothing was sent, any method
+        read=retries,             # read timeouts and dropped connections: GET and DELETE only
+        other=0,
+        status=0,                 # an HTTP error answer is an answer: never retried
+        redirect=0,
+        allowed_methods=frozenset({"GET", "DELETE", "HEAD"}),
+        backoff_factor=0.1,       # 0.1 s, 0.2 s, ...
+        backoff_max=2.0,
+        raise_on_status=False,
+        respect_retry_after_header=False,
+    )
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The chain requests -> MaxRetryError -> urllib3 error -> OS error, outermost first."""
+    chain: list[BaseException] = [exc]
+    cur: BaseException = exc
+    for _ in range(6):
+        if isinstance(cur, MaxRetryError) and cur.reason is not None:
+            cur = cur.reason
+        elif isinstance(cur, requests.RequestException) and cur.args and isinstance(cur.args[0], BaseException):
+            cur = cur.args[0]
+        elif isinstance(cur, ProtocolError) and len(cur.args) > 1 and isinstance(cur.args[1], BaseException):
+            cur = cur.args[1]
+        else:
+            break
+        chain.append(cur)
+    return chain
+
+
+def _is_refused(cause: BaseException) -> bool:
+    if isinstance(cause, ConnectionRefusedError) or isinstance(cause.__cause__, ConnectionRefusedError):
+        return True
+    text = str(cause)
+    return "Connection refused" in text or f"[Errno {errno.ECONNREFUSED}]" in text
+
+
+class HttpTransport(GpuTransport):
+    """The GPU server's HTTP API for one host (``GpuHost``), per ``ClientSettings``."""
+
+    kind = "http"
+
+    def __init__(self, host: GpuHost, settings: ClientSettings | None = None):
+        super().__init__(host)
+        self.settings = settings or ClientSettings()
+        self.base_url = host.base_url
+        self.session = requests.Session()
+        self.session.trust_env = False  # GPU hosts are on the private network: no proxy from the environment
+        adapter = HTTPAdapter(max_retries=_retry_policy(self.settings.retries), pool_connections=1,
+                              pool_maxsize=16)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers["User-Agent"] = f"gpu-bridge-client/{__version__}"
+        self.session.headers["Accept"] = "application/json"
+        if self.settings.api_token:
+            self.session.headers["Authorization"] = f"Bearer {self.settings.api_token}"
+        self.last_latency_ms: float | None = None
+
+    # --- GpuTransport ------------------------------------------------------------------------
+    def health(self) -> dict:
+        return self._request("GET", "/api/health")
+
+    def list_models(self) -> list[dict]:
+        body = self._request("GET", "/api/models")
+        models = body.get("models")
+        if not isinstance(models, list):
+            raise GpuHostError(f"{self.host.label} sent a model list without 'models': is it a gpu-bridge GPU server?",
+                               host=self.host.label)
+        return models
+
+    def start_pull(self, model: str) -> dict:
+        return self._request("POST", f"/api/models/{self._model_path(model)}")
+
+    def pull_and_wait(self, model: str) -> dict:
+        return self._request("POST", f"/api/models/{self._model_path(model)}", params={"wait": "true"},
+                             read_timeout=self.settings.pull_timeout)
+
+    def list_jobs(self) -> list[dict]:
+        """All jobs the host remembers, newest first (not part of GpuTransport; the CLI uses it)."""
+        body = self._request("GET", "/api/jobs")
+        return body.get("jobs") or []
+
+    def get_job(self, job_id: str) -> dict:
+        return self._request("GET", f"/api/jobs/{self._job_path(job_id)}")
+
+    def cancel_job(self, job_id: str) -> dict:
+        path = f"/api/jobs/{self._job_path(job_id)}"
+        try:
+            return self._request("DELETE", path)
+        except Conflict as exc:
+            if not getattr(exc, "retried", False):
+                raise
+            # Our first DELETE was cut off by a read timeout but did cancel: the retry found it finished.
+            return self.get_job(job_id)
+
+    def delete_model(self, model: str) -> dict:
+        path = f"/api/models/{self._model_path(model)}"
+        try:
+            return self._request("DELETE", path)
+        except ModelNotFound as exc:
+            if not getattr(exc, "retried", False):
+                raise
+            # The first DELETE timed out after deleting; the (safe) retry then saw 404: it is deleted.
+            return {"deleted": names.parse(model).display}
+
+    def close(self) -> None:
+        self.session.close()
+
+    # --- plumbing ------------------------------------------------------------------------------
+    @staticmethod
+    def _model_path(model: str) -> str:
+        parsed = names.parse(model)  # InvalidModelName before anything is sent
+        return quote(parsed.display, safe="/:")
+
+    @staticmethod
+    def _job_path(job_id: str) -> str:
+        if not isinstance(job_id, str) or not job_id or len(job_id) > 200 or "/" in job_id or job_id in (".", ".."):
+            raise InvalidRequest(f"invalid job id {job_id!r}")
+        return quote(job_id, safe="")
+
+    def _request(self, method: str, path: str, *, params: dict | None = None,
+                 read_timeout: float | None = None) -> dict:
+        timeout = (self.settings.connect_timeout, read_timeout or self.settings.read_timeout)
+        headers = {}
+        request_id = current_request_id.get()
+        if request_id:
+            headers["X-Request-ID"] = request_id
+        started = time.monotonic()
+        try:
+            resp = self.session.request(method, self.base_url + path, params=params, headers=headers,
+                                        timeout=timeout, allow_redirects=False)
+        except requests.RequestException as exc:
+            raise self._classify(exc, method, path, timeout) from None
+        self.last_latency_ms = round((time.monotonic() - started) * 1000, 1)
+        try:
+            return self._decode(resp, method, path)
+        except GpuBridgeError as exc:
+            retries = getattr(resp.raw, "retries", None)
+            if retries is not None and any(h.error is not None for h in retries.history):
+                exc.retried = True  # an earlier attempt may already have done the work
+            raise
+
+    def _decode(self, resp: requests.Response, method: str, path: str) -> dict:
+        label = self.host.label
+        try:
+            body = resp.json() if resp.content else {}
+        except ValueError:
+            body = None
+        if resp.status_code < 300:
+            if not isinstance(body, dict):
+                raise GpuHostError(f"{label} answered {method} {path} with something that is not a JSON object: "
+                                   "is GPU_INSTANCE_HOSTS pointing at a gpu-bridge GPU server?", host=label)
+            return body
+        raise self._error_from_response(resp, body if isinstance(body, dict) else None, method, path)
+
+    def _error_from_response(self, resp: requests.Response, body: dict | None, method: str,
+                             path: str) -> GpuBridgeError:
+        """An HTTP error answer from the host -> our error type (the other half of ``_classify``)."""
+        label, status = self.host.label, resp.status_code
+        code = body.get("code") if body else None
+        message = (body.get("error") if body else None) or f"HTTP {status} {resp.reason or ''}".strip()
+        if status == 401:
+            if self.settings.api_token:
+                return GpuHostUnauthorized(f"token rejected by {label}: GPU_BRIDGE_API_TOKEN must match the "
+                                           "GPU host's", host=label)
+            return GpuHostUnauthorized(f"{label} requires a token: set GPU_BRIDGE_API_TOKEN or "
+                                       "GPU_BRIDGE_API_TOKEN_FILE to the GPU host's token", host=label)
+        if body is None or not isinstance(code, str):
+            # Not our GPU server's JSON error: a proxy, another service, or a crashed worker.
+            hint = "is GPU_INSTANCE_HOSTS pointing at a gpu-bridge GPU server?" if status in (404, 405) else \
+                "check gpu-http-server.service's log on that host"
+            return GpuHostError(f"{label} answered {method} {path} with HTTP {status}: {hint}", host=label)
+        extra = {}
+        if body.get("job") is not None:
+            extra["job"] = body["job"]
+        detail = f"{label}: {message}"
+        if code in _HOST_DOWN_CODES:
+            cls_status = 504 if code == "ollama_timeout" else 503
+            return GpuHostError(f"{detail} (check ollama.service on {self.host.name})", host=label,
+                                status=cls_status, code=code, extra=extra)
+        cls = _CODE_TYPES.get(code)
+        if cls is None:
+            if status >= 500:
+                return GpuHostError(detail, host=label, status=502 if status == 500 else status, code=code,
+                                    extra=extra)
+            cls = {400: InvalidRequest, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
+                   429: RateLimited}.get(status, GpuBridgeError)
+        kwargs = {"host": label, "status": status, "code": code, "extra": extra}
+        if issubclass(cls, RateLimited):
+            try:
+                kwargs["retry_after"] = int(float(resp.headers.get("Retry-After", "1")))
+            except ValueError:
+                kwargs["retry_after"] = 1
+        return cls(detail, **kwargs)
+
+    def _classify(self, exc: requests.RequestException, method: str, path: str,
+                  timeout: tuple[float, float]) -> GpuHostError:
+        """THE place where transport exceptions become our error types."""
+        label = self.host.label
+        connect_s, read_s = timeout
+        chain = _causes(exc)
+        cause = chain[-1]
+
+        def seen(*types) -> bool:
+            return any(isinstance(c, types) for c in chain)
+
+        if isinstance(exc, requests.ConnectTimeout) or any(
+                isinstance(c, ConnectTimeoutError) and not isinstance(c, NewConnectionError) for c in chain):
+            return GpuHostUnreachable(f"{label} did not accept a connection within {connect_s:g} s: is the host up "
+                                      f"and port {self.host.port} open (firewall)?", host=label)
+        if isinstance(exc, requests.ReadTimeout) or seen(ReadTimeoutError) or isinstance(cause, TimeoutError):
+            # Also reached as requests.ConnectionError(MaxRetryError(ReadTimeoutError)) once GET/DELETE
+            # read retries are exhausted.
+            setting = "GPU_BRIDGE_PULL_TIMEOUT" if read_s == self.settings.pull_timeout and \
+                read_s != self.settings.read_timeout else "GPU_BRIDGE_READ_TIMEOUT"
+            return GpuHostTimeout(f"{label} did not answer {method} {path} within {read_s:g} s (read timeout, "
+                                  f"{setting}): the host or its Ollama is overloaded or hung", host=label)
+        if seen(NameResolutionError):
+            return GpuHostUnreachable(f"cannot resolve {self.host.name!r}: check GPU_INSTANCE_HOSTS and DNS",
+                                      host=label)
+        if seen(NewConnectionError) and _is_refused(cause):
+            return GpuHostUnreachable(f"{label} refused the connection: is gpu-http-server.service running?",
+                                      host=label)
+        if isinstance(exc, requests.exceptions.SSLError):
+            return GpuHostUnreachable(f"TLS handshake with {label} failed: check GPU_BRIDGE_GPU_SCHEME and the "
+                                      "host's certificate", host=label)
+        if seen(NewConnectionError):
+            return GpuHostUnreachable(f"cannot connect to {label}: {cause}", host=label)
+        if isinstance(exc, requests.exceptions.ChunkedEncodingError | requests.ConnectionError):
+            # The request may have reached the host (ProtocolError: connection reset or closed).
+            return GpuHostError(f"{label} closed the connection during {method} {path}: check "
+                                "gpu-http-server.service's log on that host", host=label)
+        return GpuHostError(f"request to {label} failed: {type(exc).__name__}: {exc}", host=label)
+
+    def __repr__(self) -> str:
+        return f"<HttpTransport {self.base_url}>"
+
+
+__all__ = ["HttpTransport", "current_request_id"]

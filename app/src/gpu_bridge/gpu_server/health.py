@@ -1,0 +1,111 @@
+"""Health facts: Ollama reachability and GPU state from NVML (``nvidia-ml-py``, module ``pynvml``).
+
+Health never fails: without a GPU or driver NVML raises (``NVMLError_LibraryNotFound``) and the
+report says ``available: false`` with the reason. Each metric of each device is read separately,
+so one unsupported metric (e.g. temperature on some boards) leaves the others intact.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+
+from ..errors import GpuBridgeError
+
+log = logging.getLogger(__name__)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class GpuProbe:
+    """NVML, initialised once (a failed init is retried after ``ttl``), results cached for ``ttl`` s."""
+
+    def __init__(self, ttl: float = 5.0):
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._initialised = False
+        self._cached: dict | None = None
+        self._cached_at = 0.0
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached_at >= self.ttl:
+                try:
+                    self._cached = self._probe()
+                except Exception as exc:  # noqa: BLE001 - health must never raise
+                    log.exception("GPU probe failed")
+                    self._cached = {"available": False, "devices": [], "error": f"GPU probe failed: {exc}"}
+                self._cached_at = now
+            return copy.deepcopy(self._cached)
+
+    def _probe(self) -> dict:
+        try:
+            import pynvml
+        except ImportError:
+            return {"available": False, "devices": [], "error": "nvidia-ml-py (pynvml) is not installed"}
+        if not self._initialised:
+            try:
+                pynvml.nvmlInit()
+            except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
+                return {"available": False, "devices": [], "error": f"NVML is not available: {exc}"}
+            self._initialised = True
+        try:
+            count = int(pynvml.nvmlDeviceGetCount())
+        except Exception as exc:  # noqa: BLE001
+            return {"available": False, "devices": [], "error": f"cannot count GPUs: {exc}"}
+        devices = [self._device(pynvml, index) for index in range(count)]
+        report: dict = {"available": count > 0, "devices": devices}
+        if count == 0:
+            report["error"] = "NVML found no GPU"
+        return report
+
+    @staticmethod
+    def _device(pynvml, index: int) -> dict:
+        device: dict = {"index": index, "name": None, "memory_total_bytes": None, "memory_used_bytes": None,
+                        "utilization_percent": None, "temperature_c": None}
+        errors = []
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception as exc:  # noqa: BLE001
+            device["error"] = f"cannot open GPU {index}: {exc}"
+            return device
+        try:
+            device["name"] = _text(pynvml.nvmlDeviceGetName(handle))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"name: {exc}")
+        try:
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            device["memory_total_bytes"] = int(memory.total)
+            device["memory_used_bytes"] = int(memory.used)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"memory: {exc}")
+        try:
+            device["utilization_percent"] = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"utilization: {exc}")
+        try:
+            device["temperature_c"] = int(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"temperature: {exc}")
+        if errors:
+            device["error"] = "; ".join(errors)
+        return device
+
+
+def ollama_status(adapter, read_timeout: float) -> dict:
+    """``{"reachable", "version", "latency_ms", "error"?}``; never raises."""
+    started = time.perf_counter()
+    try:
+        version = adapter.version(read_timeout=read_timeout)
+    except GpuBridgeError as exc:
+        return {"reachable": False, "version": None, "latency_ms": None, "error": exc.message}
+    except Exception as exc:  # noqa: BLE001 - health must never raise
+        log.exception("Ollama probe failed")
+        return {"reachable": False, "version": None, "latency_ms": None, "error": f"probe failed: {exc}"}
+    return {"reachable": True, "version": version,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1)}

@@ -1,0 +1,49 @@
+"""Prometheus metrics, in a registry of the app's own (several apps in one test process never collide)."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 600.0)
+
+
+class Metrics:
+    def __init__(self, *, pull_counts, ollama_up):
+        """``pull_counts()`` → ``{"running", "queued"}``; ``ollama_up()`` → bool (called at scrape time)."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("gpu_bridge_http_requests_total", "HTTP requests by route (URL rule) and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("gpu_bridge_http_request_duration_seconds", "HTTP request duration by route",
+                                 ["method", "route"], buckets=_BUCKETS, registry=self.registry)
+        Gauge("gpu_bridge_pulls_in_flight", "Pulls running now", registry=self.registry).set_function(
+            lambda: pull_counts()["running"])
+        Gauge("gpu_bridge_pulls_queued", "Pulls waiting for a slot", registry=self.registry).set_function(
+            lambda: pull_counts()["queued"])
+        Gauge("gpu_bridge_ollama_up", "1 when Ollama answers, else 0 (probed at scrape time)",
+              registry=self.registry).set_function(lambda: 1.0 if ollama_up() else 0.0)
+        self.pulls_finished = Counter("gpu_bridge_pulls_finished_total", "Finished pull jobs by final state",
+                                      ["state"], registry=self.registry)
+        self._finished_ids: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def job_changed(self, job) -> None:
+        """JobManager's ``on_change``: count each job once, when it reaches a final state."""
+        if not job.finished:
+            return
+        with self._lock:
+            if job.id in self._finished_ids:
+                return
+            self._finished_ids[job.id] = None
+            while len(self._finished_ids) > 10_000:
+                self._finished_ids.popitem(last=False)
+        self.pulls_finished.labels(job.state).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,229 @@
+"""The GPU server's OpenAPI 3.0 description, written by hand to match routes.py (tests check real answers)."""
+
+from __future__ import annotations
+
+import copy
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
+    response = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _error(description: str, headers: dict | None = None) -> dict:
+    return _json(_ref("Error"), description, headers)
+
+
+_NULLABLE_STR = {"type": "string", "nullable": True}
+_TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True,
+              "description": "ISO 8601 UTC, e.g. 2025-05-04T17:37:44.706Z"}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+_LOCATION = {"Location": {"description": "the job's URL, /api/jobs/{id}", "schema": {"type": "string"}}}
+_REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
+               "description": "caller's request id (<= 128 of A-Z a-z 0-9 . _ -), else one is generated; "
+                              "echoed in the response header of the same name",
+               "schema": {"type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9._-]+$"}}
+_MODEL_NAME = {"name": "name", "in": "path", "required": True,
+               "description": "Ollama model name host/namespace/model:tag; may contain '/' (send it as is or "
+                              "%2F-encoded; it is checked after decoding)",
+               "schema": {"type": "string", "maxLength": 594},
+               "example": "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"}
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_UNAUTHORIZED = _error("missing or wrong bearer token (code unauthorized)")
+
+SCHEMAS: dict = {
+    "Error": {
+        "type": "object", "required": ["error", "code"],
+        "properties": {
+            "error": {"type": "string", "description": "a message for humans"},
+            "code": {"type": "string", "description": "a stable machine code, e.g. invalid_model_name"},
+            "host": {"type": "string"},
+            "job": _ref("Job"),
+        },
+    },
+    "Job": {
+        "type": "object",
+        "required": ["id", "model", "state", "completed", "total", "percent", "status", "error", "error_code",
+                     "created_at", "started_at", "finished_at", "updated_at"],
+        "properties": {
+            "id": {"type": "string"},
+            "model": {"type": "string", "description": "the model as pulled, with its tag"},
+            "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "completed": {"type": "integer", "description": "bytes downloaded, summed over layers"},
+            "total": {"type": "integer", "description": "bytes to download, summed over the layers seen so far"},
+            "percent": {"type": "number", "nullable": True},
+            "status": {**_NULLABLE_STR, "description": "Ollama's last status line"},
+            "error": _NULLABLE_STR,
+            "error_code": {**_NULLABLE_STR, "description": "e.g. model_not_found, pull_stalled, cancelled"},
+            "created_at": _TIMESTAMP, "started_at": _TIMESTAMP, "finished_at": _TIMESTAMP, "updated_at": _TIMESTAMP,
+            "joined": {"type": "boolean", "description": "only in a pull's answer: true when it joined a running pull"},
+        },
+    },
+    "JobList": {"type": "object", "required": ["jobs"],
+                "properties": {"jobs": {"type": "array", "items": _ref("Job")}}},
+    "ModelDetails": {
+        "type": "object",
+        "required": ["parent_model", "format", "family", "families", "parameter_size", "quantization_level"],
+        "properties": {
+            "parent_model": {"type": "string"}, "format": {"type": "string"}, "family": {"type": "string"},
+            "families": {"type": "array", "items": {"type": "string"}, "description": "[] when Ollama says null"},
+            "parameter_size": {"type": "string"}, "quantization_level": {"type": "string"},
+        },
+    },
+    "Model": {
+        "type": "object", "required": ["name", "size", "digest", "modified_at", "details"],
+        "properties": {
+            "name": {"type": "string", "example": "llama3.2:latest"},
+            "size": {"type": "integer"},
+            "digest": {"type": "string", "description": "hex, without sha256:"},
+            "modified_at": {"type": "string", "description": "as Ollama gives it: RFC 3339 with nanoseconds"},
+            "details": _ref("ModelDetails"),
+        },
+    },
+    "ModelList": {"type": "object", "required": ["models"],
+                  "properties": {"models": {"type": "array", "items": _ref("Model")}}},
+    "Deleted": {"type": "object", "required": ["deleted"], "properties": {"deleted": {"type": "string"}}},
+    "Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
+    "GpuDevice": {
+        "type": "object",
+        "required": ["index", "name", "memory_total_bytes", "memory_used_bytes", "utilization_percent",
+                     "temperature_c"],
+        "properties": {
+            "index": {"type": "integer"}, "name": _NULLABLE_STR,
+            "memory_total_bytes": {"type": "integer", "nullable": True},
+            "memory_used_bytes": {"type": "integer", "nullable": True},
+            "utilization_percent": {"type": "integer", "nullable": True},
+            "temperature_c": {"type": "integer", "nullable": True},
+            "error": {"type": "string", "description": "metrics that could not be read"},
+        },
+    },
+    "Health": {
+        "type": "object", "required": ["status", "version", "uptime_seconds", "ollama", "gpu", "pulls"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "degraded"],
+                       "description": "degraded when Ollama does not answer or no GPU is available"},
+            "version": {"type": "string"},
+            "uptime_seconds": {"type": "number"},
+            "ollama": {
+                "type": "object", "required": ["reachable", "version", "latency_ms"],
+                "properties": {"reachable": {"type": "boolean"}, "version": _NULLABLE_STR,
+                               "latency_ms": {"type": "number", "nullable": True}, "error": {"type": "string"}},
+            },
+            "gpu": {
+                "type": "object", "required": ["available", "devices"],
+                "properties": {"available": {"type": "boolean"},
+                               "devices": {"type": "array", "items": _ref("GpuDevice")},
+                               "error": {"type": "string"}},
+            },
+            "pulls": {"type": "object", "required": ["running", "queued"],
+                      "properties": {"running": {"type": "integer"}, "queued": {"type": "integer"}}},
+        },
+    },
+}
+
+PATHS: dict = {
+    "/api/health": {"get": {
+        "summary": "Health of this GPU host (no authentication; never fails)", "operationId": "health",
+        "security": [],
+        "responses": {"200": _json(_ref("Health"), "health report")},
+    }},
+    "/api/ready": {"get": {
+        "summary": "Ready when Ollama answers", "operationId": "ready",
+        "responses": {"200": _json(_ref("Ready"), "Ollama answers"), "401": _UNAUTHORIZED,
+                      "503": _error("Ollama does not answer (ollama_unavailable)")},
+    }},
+    "/api/models": {"get": {
+        "summary": "Installed models", "operationId": "listModels",
+        "responses": {"200": _json(_ref("ModelList"), "installed models, newest first"), "401": _UNAUTHORIZED,
+                      "503": _error("Ollama is not reachable (ollama_unavailable)"),
+                      "504": _error("Ollama did not answer in time (ollama_timeout)")},
+    }},
+    "/api/models/{name}": {
+        "post": {
+            "summary": "Pull a model (or join the running pull of the same model)", "operationId": "pullModel",
+            "description": "Starts a background job and answers 202 at once; with wait=true it answers when the "
+                           "pull ends (bounded by stall detection, not by a total deadline). Rate-limited.",
+            "parameters": [_MODEL_NAME,
+                           {"name": "wait", "in": "query", "required": False, "schema": {"type": "boolean"}}],
+            "responses": {
+                "200": _json(_ref("Job"), "wait=true: the pull succeeded", _LOCATION),
+                "202": _json(_ref("Job"), "the job (joined: true when it joined a running pull)", _LOCATION),
+                "400": _error("invalid_model_name, registry_not_allowed or invalid_request"),
+                "401": _UNAUTHORIZED,
+                "404": _error("wait=true: model_not_found (the error body carries the job)"),
+                "409": _error("wait=true: the job was cancelled (code cancelled)"),
+                "429": _error("queue_full or rate_limited", _RETRY_AFTER),
+                "502": _error("wait=true: ollama_error"),
+                "503": _error("wait=true: ollama_unavailable"),
+                "504": _error("wait=true: pull_stalled or ollama_timeout"),
+                "507": _error("insufficient_storage: too little free disk space"),
+            },
+        },
+        "delete": {
+            "summary": "Delete an installed model", "operationId": "deleteModel",
+            "description": "The registry allow-list does not apply (nothing is fetched). Rate-limited.",
+            "parameters": [_MODEL_NAME],
+            "responses": {"200": _json(_ref("Deleted"), "deleted"), "400": _error("invalid_model_name"),
+                          "401": _UNAUTHORIZED, "404": _error("model_not_found: not installed"),
+                          "429": _error("rate_limited", _RETRY_AFTER),
+                          "503": _error("ollama_unavailable")},
+        },
+    },
+    "/api/jobs": {"get": {
+        "summary": "Pull jobs, newest first (finished ones are kept for GPU_BRIDGE_JOB_RETENTION s)",
+        "operationId": "listJobs",
+        "responses": {"200": _json(_ref("JobList"), "jobs"), "401": _UNAUTHORIZED},
+    }},
+    "/api/jobs/{job_id}": {
+        "get": {"summary": "One pull job", "operationId": "getJob", "parameters": [_JOB_ID],
+                "responses": {"200": _json(_ref("Job"), "the job"), "401": _UNAUTHORIZED,
+                              "404": _error("job_not_found")}},
+        "delete": {"summary": "Cancel a queued or running pull", "operationId": "cancelJob",
+                   "parameters": [_JOB_ID],
+                   "responses": {"200": _json(_ref("Job"), "the job, state cancelled"), "401": _UNAUTHORIZED,
+                                 "404": _error("job_not_found"), "409": _error("conflict: already finished"),
+                                 "429": _error("rate_limited", _RETRY_AFTER)}},
+    },
+    "/metrics": {"get": {
+        "summary": "Prometheus metrics (no authentication when GPU_BRIDGE_METRICS_PUBLIC=true)",
+        "operationId": "metrics",
+        "responses": {"200": {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}},
+                      "401": _UNAUTHORIZED},
+    }},
+    "/api/openapi.json": {"get": {
+        "summary": "This document", "operationId": "openapi",
+        "responses": {"200": {"description": "OpenAPI 3.0 document",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "401": _UNAUTHORIZED},
+    }},
+}
+
+
+def build_document(version: str) -> dict:
+    paths = copy.deepcopy(PATHS)
+    for operations in paths.values():
+        for operation in operations.values():
+            operation.setdefault("parameters", []).append(_REQUEST_ID)
+            operation["responses"].setdefault("413", _error("payload_too_large: body over GPU_BRIDGE_MAX_BODY_BYTES"))
+            operation["responses"].setdefault("500", _error("internal_error (details only in the server log)"))
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "gpu-bridge GPU server", "version": version,
+                 "description": "Authenticated front door to Ollama on one GPU host: models, pull jobs, health. "
+                                "Every error is JSON {error, code}."},
+        "servers": [{"url": "/"}],
+        "security": [{"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
+                                               "description": "GPU_BRIDGE_API_TOKEN"}},
+            "schemas": copy.deepcopy(SCHEMAS),
+        },
+    }

@@ -1,0 +1,168 @@
+"""The GPU server's routes (``/api/*`` and ``/metrics``); shapes in docs/architecture.md."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from .. import __version__, names
+from ..errors import InsufficientStorage, InvalidRequest, OllamaError, OllamaUnavailable, RateLimited
+from .app import EXTENSION, ServerState
+from .health import ollama_status
+from .openapi import build_document
+
+log = logging.getLogger("gpu_bridge.gpu_server")
+api = Blueprint("api", __name__)
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+_GB = 1024**3
+
+
+def _state() -> ServerState:
+    return current_app.extensions[EXTENSION]
+
+
+def rate_limited(view):
+    """Routes that change state take a token from the process-wide bucket (429 + Retry-After when empty)."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        state = _state()
+        wait = state.limiter.acquire()
+        if wait:
+            raise RateLimited(f"too many requests that change state: the limit is {state.limiter.per_minute} a "
+                              f"minute (GPU_BRIDGE_RATE_LIMIT_PER_MINUTE); retry in {wait} s", retry_after=wait)
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+def _flag(name: str) -> bool:
+    raw = request.args.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise InvalidRequest(f"query parameter {name}={raw!r} must be true or false")
+
+
+def check_free_space(state: ServerState) -> None:
+    """507 when the models directory's file system has less than GPU_BRIDGE_MIN_FREE_GB free."""
+    directory = state.settings.ollama_models_dir
+    if not directory or state.settings.min_free_bytes <= 0:
+        return
+    path = os.path.abspath(directory)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)  # Ollama creates the directory on its first pull
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError as exc:
+        log.warning("cannot check free space in %s: %s", directory, exc)
+        return
+    if free < state.settings.min_free_bytes:
+        raise InsufficientStorage(f"only {free / _GB:.1f} GB free in {directory}; a pull needs at least "
+                                  f"{state.settings.min_free_bytes / _GB:.1f} GB (GPU_BRIDGE_MIN_FREE_GB)")
+
+
+# --- health -------------------------------------------------------------------------------------
+@api.get("/api/health")
+def health():
+    state = _state()
+    ollama = ollama_status(state.adapter, state.probe_read_timeout())
+    gpu = state.gpu.snapshot()
+    return jsonify({
+        "status": "ok" if ollama["reachable"] and gpu["available"] else "degraded",
+        "version": __version__,
+        "uptime_seconds": round(time.monotonic() - state.started, 1),
+        "ollama": ollama,
+        "gpu": gpu,
+        "pulls": state.jobs.counts(),
+    })
+
+
+@api.get("/api/ready")
+def ready():
+    state = _state()
+    try:
+        state.adapter.version(read_timeout=state.probe_read_timeout())
+    except OllamaError as exc:
+        raise OllamaUnavailable(f"not ready: {exc.message}") from None
+    return jsonify({"ready": True})
+
+
+# --- models -------------------------------------------------------------------------------------
+@api.get("/api/models")
+def list_models():
+    return jsonify({"models": _state().adapter.list_models()})
+
+
+@api.post("/api/models/<path:name>")
+@rate_limited
+def pull_model(name: str):
+    state = _state()
+    # Werkzeug decoded %2F before routing: the decoded name is what the grammar checks.
+    parsed = names.validate(name, state.settings.allowed_registries)
+    wait = _flag("wait")
+    if state.jobs.find_active(parsed.display) is None:
+        check_free_space(state)  # joining a running pull needs no new space
+    job, joined = state.jobs.submit(parsed.display)
+    headers = {"Location": f"/api/jobs/{job.id}"}
+    if not wait:
+        return jsonify({**job.to_dict(), "joined": joined}), 202, headers
+    # Bounded by stall detection (a pull without progress fails), not by a fixed total deadline.
+    job = state.jobs.wait(job.id)
+    body = {**job.to_dict(), "joined": joined}
+    if job.state == "succeeded":
+        return jsonify(body), 200, headers
+    response = jsonify({"error": job.error or f"pull {job.state}", "code": job.error_code or "ollama_error",
+                        "job": body})
+    response.status_code = job.error_status or 502
+    response.headers.update(headers)
+    return response
+
+
+@api.delete("/api/models/<path:name>")
+@rate_limited
+def delete_model(name: str):
+    # Deleting fetches nothing, so the registry allow-list does not apply; the grammar does.
+    parsed = names.parse(name)
+    _state().adapter.delete(parsed.display)
+    return jsonify({"deleted": parsed.display})
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+@api.get("/api/jobs")
+def list_jobs():
+    return jsonify({"jobs": [job.to_dict() for job in _state().jobs.list()]})
+
+
+@api.get("/api/jobs/<job_id>")
+def get_job(job_id: str):
+    return jsonify(_state().jobs.get(job_id).to_dict())
+
+
+@api.delete("/api/jobs/<job_id>")
+@rate_limited
+def cancel_job(job_id: str):
+    return jsonify(_state().jobs.cancel(job_id).to_dict())
+
+
+# --- metrics and description --------------------------------------------------------------------
+@api.get("/metrics")
+def metrics():
+    body, content_type = _state().metrics.render()
+    return Response(body, content_type=content_type)
+
+
+@api.get("/api/openapi.json")
+def openapi():
+    return jsonify(build_document(__version__))
+
+
+__all__ = ["api", "check_free_space"]

@@ -1,0 +1,357 @@
+"""Pull jobs: one download per model, a bounded queue, live progress, cancel and stall detection.
+
+State lives in memory, in the one process that serves the GPU host: gunicorn runs one worker
+process with threads (docs/architecture.md, "Why one gunicorn process with threads"), so every
+request thread sees the same job table, and dedupe and the concurrency limit hold exactly. A
+restart forgets jobs; Ollama keeps partial downloads and resumes them on the next pull.
+
+* ``submit(model)`` returns the active job for the same model (``llama3.2`` == ``llama3.2:latest``)
+  instead of starting a second download.
+* At most ``max_concurrent`` pulls run; up to ``max_queued`` more wait (``QueueFull`` beyond).
+  Runner threads are daemon threads, at most ``max_concurrent`` of them: a runner that finishes a
+  job takes the next queued one.
+* Progress is summed over layers (per digest; a cached layer with ``completed == total`` counts).
+* Stall detection: Ollama keeps sending progress lines while bytes stand still, and its verify
+  phase is silent, so neither line arrival nor a read timeout reveals a stall. A watchdog fails a
+  job whose downloaded bytes have not grown (and whose status has not moved to a new phase) for
+  ``stall_timeout`` seconds, and cancels its Ollama stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from . import names
+from .errors import Conflict, GpuBridgeError, JobNotFound, OllamaError, PullStalled, QueueFull
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ACTIVE = frozenset({QUEUED, RUNNING})
+# Seconds a refused caller is told to wait (Retry-After) when the queue is full.
+QUEUE_RETRY_AFTER = 10
+# A pull stream may be silent this much longer than the stall timeout before its read times out:
+# the watchdog, not the socket, decides that a pull has stalled.
+READ_TIMEOUT_MARGIN = 30.0
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds → ISO 8601 UTC (``2025-05-04T17:37:44.706Z``), None stays None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Job:
+    """One pull. Read it with ``to_dict()``; the manager alone changes it (under its lock)."""
+
+    def __init__(self, model: str, key: str, *, lock: threading.RLock | None = None):
+        now = time.time()
+        self.id = uuid.uuid4().hex
+        self.model = model
+        self.key = key
+        self.state = QUEUED
+        self.status: str | None = None
+        self.error: str | None = None
+        self.error_code: str | None = None
+        self.error_status: int | None = None  # HTTP status of the error, for ``?wait=true`` answers
+        self.created_at = now
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.updated_at = now
+        self._lock = lock or threading.RLock()
+        self._layers: dict[str, tuple[int, int]] = {}  # digest -> (completed, total)
+        self._best_completed = 0
+        self._seen_status: set[str] = set()
+        self._last_advance = time.monotonic()
+        self._succeeded = False
+        self._stalled = False
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+
+    @property
+    def completed(self) -> int:
+        with self._lock:
+            return sum(c for c, _ in self._layers.values())
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(t for _, t in self._layers.values())
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_dict(self) -> dict:
+        """The Job object of docs/architecture.md."""
+        with self._lock:
+            completed, total = self.completed, self.total
+            if self.state == SUCCEEDED:
+                percent: float | None = 100.0
+            elif total > 0:
+                percent = round(min(100.0, 100.0 * completed / total), 1)
+            else:
+                percent = None
+            return {
+                "id": self.id,
+                "model": self.model,
+                "state": self.state,
+                "completed": completed,
+                "total": total,
+                "percent": percent,
+                "status": self.status,
+                "error": self.error,
+                "error_code": self.error_code,
+                "created_at": iso(self.created_at),
+                "started_at": iso(self.started_at),
+                "finished_at": iso(self.finished_at),
+                "updated_at": iso(self.updated_at),
+            }
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.model} {self.state}>"
+
+
+class JobManager:
+    """Runs pulls through an ``OllamaAdapter``-like object (anything with ``pull(name, cancel=, read_timeout=)``)."""
+
+    def __init__(self, adapter, *, max_concurrent: int = 2, max_queued: int = 16, stall_timeout: float = 300.0,
+                 retention: float = 3600.0, on_change: Callable[[Job], None] | None = None):
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be >= 1")
+        self.adapter = adapter
+        self.max_concurrent = max_concurrent
+        self.max_queued = max(0, max_queued)
+        self.stall_timeout = float(stall_timeout)
+        self.retention = float(retention)
+        self.on_change = on_change
+        self._lock = threading.RLock()
+        self._jobs: dict[str, Job] = {}  # creation order
+        self._active: dict[str, Job] = {}  # dedupe key -> queued or running job
+        self._pending: deque[Job] = deque()
+        self._runners = 0  # runner threads alive (each runs one job at a time)
+        self._stop = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="pull-watchdog", daemon=True)
+        self._watchdog.start()
+
+    # --- public API ------------------------------------------------------------------------------
+    @staticmethod
+    def key_for(model: str) -> str:
+        return names.parse(model).full.lower()
+
+    def submit(self, model: str) -> tuple[Job, bool]:
+        """Start (or queue) a pull; ``(job, True)`` when an active pull of the same model was joined."""
+        parsed = names.parse(model)
+        key = parsed.full.lower()
+        with self._lock:
+            if self._stop.is_set():
+                raise GpuBridgeError("the GPU server is shutting down", status=503, code="shutting_down")
+            self._prune_locked()
+            job = self._active.get(key)
+            if job is not None:
+                return job, True
+            start_runner = self._runners < self.max_concurrent
+            if not start_runner and len(self._pending) >= self.max_queued:
+                raise QueueFull(f"{self.max_concurrent} pulls are running and {len(self._pending)} are queued "
+                                f"(limit {self.max_queued}); try again later", retry_after=QUEUE_RETRY_AFTER)
+            job = Job(parsed.display, key, lock=self._lock)
+            self._jobs[job.id] = job
+            self._active[key] = job
+            if start_runner:
+                self._runners += 1
+            else:
+                self._pending.append(job)
+        log.info("pull job %s for %s %s", job.id, job.model, "started" if start_runner else "queued")
+        self._notify(job)
+        if start_runner:
+            threading.Thread(target=self._runner, args=(job,), name=f"pull-{job.id[:8]}", daemon=True).start()
+        return job, False
+
+    def find_active(self, model: str) -> Job | None:
+        """The queued or running job for ``model``, if any."""
+        key = self.key_for(model)
+        with self._lock:
+            return self._active.get(key)
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r} (finished jobs are kept for {self.retention:g} s)")
+        return job
+
+    def list(self) -> list[Job]:
+        """Every job still kept, newest first."""
+        with self._lock:
+            self._prune_locked()
+            return list(reversed(self._jobs.values()))
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running pull (its Ollama stream is closed); ``Conflict`` if it finished."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.state in TERMINAL:
+                raise Conflict(f"job {job_id} has already {job.state}; only queued or running pulls can be cancelled")
+            if job.state == QUEUED:
+                try:
+                    self._pending.remove(job)
+                except ValueError:
+                    pass
+            self._finish_locked(job, CANCELLED, error="pull cancelled by request", code="cancelled", status=409)
+            job._cancel.set()
+        log.info("pull job %s for %s cancelled", job.id, job.model)
+        self._notify(job)
+        job._done.set()
+        return job
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job finishes or ``timeout`` passes; returns the job either way."""
+        job = self.get(job_id)
+        job._done.wait(timeout)
+        return job
+
+    def counts(self) -> dict:
+        with self._lock:
+            running = sum(1 for j in self._active.values() if j.state == RUNNING)
+            queued = sum(1 for j in self._active.values() if j.state == QUEUED)
+        return {"running": running, "queued": queued}
+
+    def shutdown(self, timeout: float = 2.0) -> None:
+        """Cancel every active pull and stop the watchdog."""
+        self._stop.set()
+        with self._lock:
+            active = list(self._active.values())
+            self._pending.clear()
+            for job in active:
+                self._finish_locked(job, CANCELLED, error="the GPU server shut down", code="cancelled", status=409)
+                job._cancel.set()
+        for job in active:
+            self._notify(job)
+            job._done.set()
+        self._watchdog.join(timeout)
+
+    # --- runners ---------------------------------------------------------------------------------
+    def _runner(self, job: Job | None) -> None:
+        while job is not None:
+            try:
+                self._execute(job)
+            except Exception:  # noqa: BLE001 - a runner must never die holding a slot
+                log.exception("pull runner failed on job %s", job.id)
+            with self._lock:
+                job = self._pending.popleft() if self._pending and not self._stop.is_set() else None
+                if job is None:
+                    self._runners -= 1
+
+    def _execute(self, job: Job) -> None:
+        with self._lock:
+            if job.state != QUEUED:
+                return  # cancelled while it waited
+            job.state = RUNNING
+            job.started_at = job.updated_at = time.time()
+            job._last_advance = time.monotonic()
+        self._notify(job)
+        error: GpuBridgeError | None = None
+        try:
+            stream = self.adapter.pull(job.model, cancel=job._cancel,
+                                       read_timeout=self.stall_timeout + READ_TIMEOUT_MARGIN)
+            for event in stream:
+                self._apply(job, event)
+                self._notify(job)
+        except GpuBridgeError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - reported on the job, traceback in the log
+            log.exception("unexpected error while pulling %s", job.model)
+            error = OllamaError(f"unexpected error while pulling: {type(exc).__name__}")
+        with self._lock:
+            if job.state in TERMINAL:  # cancelled by request or by shutdown meanwhile
+                return
+            if job._succeeded:
+                self._finish_locked(job, SUCCEEDED)
+            elif job._stalled:
+                stalled = PullStalled(f"no download progress for {self.stall_timeout:g} s while pulling "
+                                      f"{job.model!r} (last status: {job.status or 'none'}); the pull was stopped")
+                self._finish_error_locked(job, stalled)
+            elif error is not None:
+                self._finish_error_locked(job, error)
+            elif job._cancel.is_set():
+                self._finish_locked(job, CANCELLED, error="pull cancelled", code="cancelled", status=409)
+            else:
+                self._finish_error_locked(job, OllamaError(f"the pull of {job.model!r} ended without success"))
+        log.info("pull job %s for %s %s%s", job.id, job.model, job.state,
+                 f": {job.error_code}: {job.error}" if job.error else "")
+        self._notify(job)
+        job._done.set()  # after the listeners: whoever waits sees a job they have already been told about
+
+    def _apply(self, job: Job, event: dict) -> None:
+        with self._lock:
+            status = event.get("status")
+            if isinstance(status, str) and status:
+                job.status = status
+            digest = event.get("digest")
+            if isinstance(digest, str) and digest:
+                total = max(0, int(event.get("total") or 0))
+                completed = max(0, int(event.get("completed") or 0))
+                if total:
+                    completed = min(completed, total)
+                job._layers[digest] = (completed, total)
+            advanced = False
+            completed_sum = job.completed
+            if completed_sum > job._best_completed:
+                job._best_completed = completed_sum
+                advanced = True
+            if isinstance(status, str) and status and status not in job._seen_status:
+                job._seen_status.add(status)  # a new phase or a new layer is progress too
+                advanced = True
+            if advanced:
+                job._last_advance = time.monotonic()
+            if status == "success":
+                job._succeeded = True
+            job.updated_at = time.time()
+
+    def _finish_error_locked(self, job: Job, exc: GpuBridgeError) -> None:
+        self._finish_locked(job, FAILED, error=exc.message, code=exc.code, status=exc.status)
+
+    def _finish_locked(self, job: Job, state: str, *, error: str | None = None, code: str | None = None,
+                       status: int | None = None) -> None:
+        job.state = state
+        job.error, job.error_code, job.error_status = error, code, status
+        job.finished_at = job.updated_at = time.time()
+        if self._active.get(job.key) is job:
+            del self._active[job.key]
+
+    # --- watchdog --------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        interval = min(1.0, max(0.05, self.stall_timeout / 4))
+        while not self._stop.wait(interval):
+            now = time.monotonic()
+            with self._lock:
+                for job in self._active.values():
+                    if job.state == RUNNING and not job._cancel.is_set() \
+                            and now - job._last_advance > self.stall_timeout:
+                        log.warning("pull job %s for %s stalled: no progress for %.1f s; stopping it",
+                                    job.id, job.model, now - job._last_advance)
+                        job._stalled = True
+                        job._cancel.set()
+                self._prune_locked()
+
+    def _prune_locked(self) -> None:
+        cutoff = time.time() - self.retention
+        for job_id in [j.id for j in self._jobs.values() if j.finished_at is not None and j.finished_at < cutoff]:
+            del self._jobs[job_id]
+
+    def _notify(self, job: Job) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(job)
+        except Exception:  # noqa: BLE001 - a listener's bug must not break the pull
+            log.exception("on_change listener failed for job %s", job.id)
