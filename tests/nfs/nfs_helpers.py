@@ -14,11 +14,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from support.procs import VENV_BIN, wait_until
-
 from gpu_bridge import spool
 from gpu_bridge.client.nfs import NfsTransport
 from gpu_bridge.config import BackendSettings, ClientSettings, GpuHost, NfsSettings
+from support.procs import VENV_BIN, wait_until
 
 HERE = Path(__file__).resolve().parent
 PRODUCER = HERE / "producer.py"
@@ -99,8 +98,11 @@ class WorkerProcess:
 
     def wait_audit(self, event: str, distinct: int, timeout: float = 10.0) -> Counter:
         """The audit line is written just after the answer is published: let it land."""
-        return wait_until(lambda: (c := self.audit_counts(event)) if len(c) >= distinct else None, timeout,
-                          what=f"{distinct} {event!r} audit lines")
+        def enough():
+            counts = self.audit_counts(event)
+            return counts if len(counts) >= distinct else None
+
+        return wait_until(enough, timeout, what=f"{distinct} {event!r} audit lines")
 
 
 def transport(root, host_name: str, **nfs_overrides) -> NfsTransport:

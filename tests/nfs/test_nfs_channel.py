@@ -14,7 +14,6 @@ import time
 
 import pytest
 from nfs_helpers import PRODUCER, WorkerProcess, transport, worker_env
-from support.procs import VENV_BIN, emulator_control, start_emulator, wait_until
 
 from gpu_bridge import spool
 from gpu_bridge.errors import (
@@ -24,6 +23,7 @@ from gpu_bridge.errors import (
     JobNotFound,
     ModelNotFound,
 )
+from support.procs import VENV_BIN, emulator_control, start_emulator, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -107,6 +107,9 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(share, workers, module_
     for rid in twice:
         assert any(e["id"] == rid and e["event"] == "exec" and e["recovered"] for e in events)
     total_retries = sum(r["retries"] for r in results)
+    recovered = {e["id"] for e in events if e["recovered"]}
+    print(f"killed after {killed_at} answers; recovered from cur/: {len(recovered)}; ran twice: {len(twice)}; "
+          f"producer retries: {total_retries}")
     if total_retries == 0:
         assert len(answer_files) == 1000
     assert visible(w.paths.cmd_new) == [] and visible(w.paths.cmd_cur) == []
@@ -277,17 +280,33 @@ def test_cancel_a_running_pull(share, workers, module_emulator):
         emulator_control(module_emulator, "reset")
 
 
-def test_pull_resumes_after_the_worker_is_killed(share, workers, slow_emulator):
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_pull_resumes_after_a_worker_restart(share, workers, slow_emulator, how):
     w = workers(share, "127.0.0.1", slow_emulator.url, GPU_BRIDGE_NFS_HEARTBEAT_INTERVAL="1.0")
     t = transport(share, "127.0.0.1")
     job = t.start_pull("tinyllama")
     wait_until(lambda: t.get_job(job["id"])["completed"] > 0, 10, what="download started")
-    w.kill()
-    w.start()
     done: dict = {}
-    thread = threading.Thread(target=lambda: done.setdefault("job", t.wait_job(job)))
+
+    def follow():
+        try:
+            done["job"] = t.wait_job(job)  # production's pull_and_wait, spanning the restart
+        except Exception as exc:
+            done["error"] = exc
+
+    thread = threading.Thread(target=follow)
     thread.start()
+    if how == "sigkill":
+        w.kill()
+    else:
+        assert w.stop() == 0
+        interrupted = spool.read_json(w.paths.job_path(job["id"]))["job"]
+        assert interrupted["state"] == "running" and "resumes" in interrupted["status"]
+        with pytest.raises(GpuHostUnreachable, match="stopped"):
+            t.get_job(job["id"])  # an unfinished job of a stopped worker is not reported as running
+    w.start()
     thread.join(30)
+    assert "error" not in done, done
     assert done["job"]["state"] == "succeeded" and done["job"]["id"] == job["id"]
     assert "tinyllama:latest" in [m["name"] for m in t.list_models()]
 

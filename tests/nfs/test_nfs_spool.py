@@ -139,7 +139,7 @@ def test_init_share_is_idempotent(tmp_path):
     for name in (spool.COMMANDS_DIR, spool.STATUS_DIR):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o2770
     assert json.loads((tmp_path / spool.SENTINEL).read_text())["format"] == spool.FORMAT_VERSION
-    os.chmod(tmp_path / spool.COMMANDS_DIR, 0o755)  # drift is repaired and reported
+    os.chmod(tmp_path / spool.COMMANDS_DIR, 0o700)  # drift is repaired and reported
     assert spool.init_share(str(tmp_path)) is True
     assert spool.init_share(str(tmp_path)) is False
 

@@ -283,3 +283,11 @@ def test_retried_delete_that_finds_nothing_counts_as_deleted(transport, standin)
     assert len(deletes) == 2
     with pytest.raises(ModelNotFound):  # without a retry, a 404 stays a 404
         transport.delete_model("ghost")
+
+
+def test_a_token_that_cannot_be_sent_is_a_config_error():
+    from gpu_bridge.errors import ConfigError
+
+    host = GpuHost("127.0.0.1", 1)
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        HttpTransport(host, ClientSettings(hosts=(host,), api_token="t\u00f6ken"))

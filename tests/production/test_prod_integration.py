@@ -108,8 +108,9 @@ def test_cli_pull_shows_progress_lines_when_not_a_tty(gpu_side, backend):
     assert "\r" not in r.stdout
     progress = [line for line in lines if line.startswith("pulling tinyllama:latest:")]
     percents = [int(line.split(": ")[1].split("%")[0]) for line in progress if "% (" in line]
-    assert len(percents) >= 3, r.stdout
-    assert percents == sorted(percents) and percents[-1] == 100
+    # One line per ~10 % (a new layer's size can move the total, so the figure is not strictly monotonic).
+    assert len(set(percents)) >= 3, r.stdout
+    assert percents[-1] == 100 and len(progress) <= 25
     assert any("MB of " in line for line in progress)
     assert lines[-1] == f"pulled tinyllama:latest on {', '.join(gpu_side.labels)}"
     assert r.stderr == ""
@@ -129,6 +130,23 @@ def test_cli_pull_shows_progress_lines_when_not_a_tty(gpu_side, backend):
     r = run_cli("health", "--url", backend.url)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith(f"backend {backend.url}: ok")
+
+
+def test_cancel_a_running_pull_with_the_cli(gpu_side, backend):
+    for emu in gpu_side.emulators:  # bytes stop moving for this model: the pull runs until cancelled
+        emulator_control(emu, "config", {"stall": "smollm:135m"})
+    r = post(backend, "/config/pull-model", {"model": "smollm:135m"})
+    assert r.status_code == 202, r.text
+    pull_id = r.json()["id"]
+    wait_until(lambda: get(backend, f"/config/pull-status/{pull_id}").json()["state"] == "running", 10, 0.1,
+               what="pull running")
+    r = run_cli("jobs", pull_id, "--cancel", "--url", backend.url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"pull {pull_id} of smollm:135m: cancelled")
+    status = get(backend, f"/config/pull-status/{pull_id}").json()
+    assert status["state"] == "cancelled" and status["done"] is True
+    assert all(x["job"]["state"] == "cancelled" for x in status["results"].values())
+    assert get(backend, "/config/audit").json()["entries"][0]["action"] == "cancel"
 
 
 def test_cli_errors_are_one_line(gpu_side, backend):
@@ -282,6 +300,7 @@ def test_wrong_token_is_surfaced_as_gpu_unauthorized(gpu_side, backends):
 
 
 # --- transport-independent ---------------------------------------------------------------------------------------
+@pytest.mark.postgres
 def test_backend_on_postgresql_keeps_cache_and_audit(gpu_side, postgres, backends):
     if gpu_side.transport != "http":
         pytest.skip("database behaviour does not depend on the transport (covered with http)")

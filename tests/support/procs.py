@@ -126,5 +126,5 @@ def start_gunicorn(app_spec: str, env: dict, *, probe: str, name: str, threads: 
     port = port or free_port()
     argv = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1",
             "--worker-class", "gthread", "--threads", str(threads), "--timeout", "120",
-            "--graceful-timeout", "5", app_spec]
+            "--graceful-timeout", "5", "--no-control-socket", app_spec]
     return ServerProcess(argv, port, env=env, probe=probe, name=name).start()

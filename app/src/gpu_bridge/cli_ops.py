@@ -21,7 +21,14 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from . import __version__, names
-from .config import BACKEND_TOKEN_CREDENTIAL, DEFAULT_GPU_PORT, ClientSettings, GpuHost, read_secret
+from .config import (
+    API_TOKEN_CREDENTIAL,
+    BACKEND_TOKEN_CREDENTIAL,
+    DEFAULT_GPU_PORT,
+    ClientSettings,
+    GpuHost,
+    read_secret,
+)
 from .errors import ConfigError, GpuBridgeError, GpuHostError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -196,6 +203,9 @@ class BackendClient:
         self.timeout = timeout
         self.session = _session()
         if token:
+            if not token.isascii() or not token.isprintable():
+                raise ConfigError("the backend token holds characters that cannot travel in an HTTP header: use "
+                                  "printable ASCII")
             self.session.headers["Authorization"] = f"Bearer {token}"
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
@@ -234,7 +244,7 @@ def _gpu_transport(url: str, token: str | None, timeout: float):
     parts = urlsplit(url)
     host = GpuHost(name=parts.hostname or "127.0.0.1", port=parts.port or DEFAULT_GPU_PORT, scheme=parts.scheme)
     if token is None:
-        token = ClientSettings.from_env().api_token
+        token = read_secret(os.environ, "GPU_BRIDGE_API_TOKEN_FILE", "GPU_BRIDGE_API_TOKEN", API_TOKEN_CREDENTIAL)
     settings = ClientSettings(hosts=(host,), api_token=token, read_timeout=timeout, connect_timeout=3.0,
                               pull_timeout=max(timeout, 300.0))
     return HttpTransport(host, settings)

@@ -113,6 +113,8 @@ class NfsWorker:
         self._refresh_future: Future | None = None
         self._next_refresh = 0.0
         self._models: list[dict] = []
+        self._unclaimable: set[str] = set()
+        self._last_ollama: dict | None = None
         self._gpu_probe = None
         self._served = 0
         self._audit_fd: int | None = None
@@ -182,22 +184,30 @@ class NfsWorker:
         next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_beat:
-                if not spool.openable(self.paths.sentinel):
-                    log.error("the share's sentinel %s disappeared (share unmounted?): stopping", self.paths.sentinel)
-                    self.exit_code = 1
-                    return
-                self.counter += 1
-                self._write_heartbeat()
-                next_beat = now + self.nfs.heartbeat_interval
-            if now >= self._next_refresh and (self._refresh_future is None or self._refresh_future.done()):
-                self._next_refresh = now + self.nfs.models_refresh_interval
-                self._refresh_future = self._aux.submit(self._refresh_quiet)
-            self._flush_progress()
-            if now >= next_housekeeping:
-                self._housekeeping()
-                next_housekeeping = now + HOUSEKEEPING_INTERVAL
-            served = self._serve_inbox()
+            try:
+                if now >= next_beat:
+                    next_beat = now + self.nfs.heartbeat_interval
+                    if not spool.openable(self.paths.sentinel):
+                        log.error("the share's sentinel %s disappeared (share unmounted?): stopping",
+                                  self.paths.sentinel)
+                        self.exit_code = 1
+                        return
+                    self.counter += 1
+                    self._write_heartbeat()
+                if now >= self._next_refresh and (self._refresh_future is None or self._refresh_future.done()):
+                    self._next_refresh = now + self.nfs.models_refresh_interval
+                    self._refresh_future = self._aux.submit(self._refresh_quiet, True)
+                self._flush_progress()
+                if now >= next_housekeeping:
+                    next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                    self._housekeeping()
+                served = self._serve_inbox()
+            except OSError as exc:
+                # ENOSPC, EDQUOT, EIO...: the heartbeat stops advancing, so production sees the worker as
+                # down while this lasts; keep trying rather than exit (systemd would only restart us).
+                log.error("share I/O error in the worker loop: %s; retrying", exc)
+                self._stop.wait(max(poll, 1.0))
+                continue
             if not served:
                 self._stop.wait(min(poll, max(0.0, next_beat - time.monotonic())))
 
@@ -237,25 +247,36 @@ class NfsWorker:
                "served": self._served, "pulls": self._jobs.counts() if self._jobs is not None else {}}
         spool.write_json(self.paths.status_tmp, self.paths.heartbeat, doc)
 
-    def _refresh_quiet(self) -> None:
+    def _refresh_quiet(self, probe: bool = False) -> None:
         try:
-            self.refresh_models()
+            self.refresh_models(probe=probe)
         except GpuBridgeError:
             pass  # recorded in models.json
         except Exception:  # noqa: BLE001 - background thread: log and carry on
             log.exception("models.json refresh failed")
 
-    def refresh_models(self) -> list[dict]:
-        """Ask Ollama, rewrite models.json (atomic replace); raise the adapter's error after recording it."""
+    def refresh_models(self, *, probe: bool = False) -> list[dict]:
+        """Ask Ollama, rewrite models.json (atomic replace); raise the adapter's error after recording it.
+
+        ``probe``: also ask Ollama's version (the periodic refresh); a listing on demand (the ``list``
+        command, after a delete or a pull) makes one Ollama call and reuses the last version.
+        """
         with self._refresh_lock:
             error: GpuBridgeError | None = None
-            ollama = self._ollama_status()
+            ollama = self._ollama_status() if probe or self._last_ollama is None else dict(self._last_ollama)
+            started = time.perf_counter()
             try:
                 self._models = self._adapter.list_models()
+                if ollama.get("reachable"):
+                    ollama["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+                else:  # the listing worked: Ollama is back even if the last probe failed
+                    ollama = {"reachable": True, "version": ollama.get("version"),
+                              "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
             except GpuBridgeError as exc:
                 error = exc
                 ollama = {"reachable": False, "version": ollama.get("version"), "latency_ms": None,
                           "error": exc.message, "code": exc.code}
+            self._last_ollama = dict(ollama)
             if not ollama.get("reachable") and "code" not in ollama:
                 ollama["code"] = "ollama_unavailable"
             doc = {"v": spool.PROTOCOL_VERSION, "host": self.paths.host_id, "boot": self.boot,
@@ -295,7 +316,14 @@ class NfsWorker:
             rid = name[:-5] if name.endswith(".json") else name
             src = os.path.join(self.paths.cmd_new, name)
             dst = self.paths.cur_path(rid)
-            if not spool.claim(src, dst):
+            try:
+                claimed = spool.claim(src, dst)
+            except OSError as exc:
+                if name not in self._unclaimable:
+                    self._unclaimable.add(name)
+                    log.error("cannot claim %s: %s (check the spool's ownership and permissions)", src, exc)
+                continue
+            if not claimed:
                 continue
             served += 1
             self._dispatch(rid, recovered=False)

@@ -38,5 +38,8 @@ def run_gunicorn(factory: Callable, bind: str, *, threads: int = 8, timeout: int
         "accesslog": None,  # our own JSON request log replaces gunicorn's access log
         "errorlog": "-",
         "loglevel": "info",
+        # gunicorn >= 24 opens ~/.gunicorn/gunicorn.ctl by default: shared by every gunicorn on the
+        # host and blocked by ProtectHome=. We manage the process with systemd, not that socket.
+        "control_socket_disable": True,
     }
     _Embedded(factory, options).run()

@@ -266,6 +266,13 @@ def pull_status(pull_id: str):
     live_errors: dict[str, dict] = {}
     if wanted:
         before = _overall(record)
+        for lbl in [lbl for lbl in wanted if lbl not in st.fleet.slots]:
+            # The host was removed from GPU_INSTANCE_HOSTS since the pull started: nobody can follow it.
+            message = f"{lbl} is no longer in GPU_INSTANCE_HOSTS: its job cannot be followed"
+            live_errors[lbl] = {"error": message, "code": "unknown_host", "status": 404}
+            job = dict(record[lbl].get("job") or {})
+            job.update(state="failed", error=message, error_code="unknown_host")
+            record[lbl]["job"] = job
         for lbl, (ok, value) in st.fleet.jobs(wanted).items():
             if ok:
                 record[lbl]["job"] = value

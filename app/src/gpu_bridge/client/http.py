@@ -32,6 +32,7 @@ from urllib3.util.retry import Retry
 from .. import __version__, names
 from ..config import ClientSettings, GpuHost
 from ..errors import (
+    ConfigError,
     Conflict,
     GpuBridgeError,
     GpuHostError,
@@ -154,6 +155,9 @@ class HttpTransport(GpuTransport):
         self.session.headers["User-Agent"] = f"gpu-bridge-client/{__version__}"
         self.session.headers["Accept"] = "application/json"
         if self.settings.api_token:
+            if not self.settings.api_token.isascii() or not self.settings.api_token.isprintable():
+                raise ConfigError("GPU_BRIDGE_API_TOKEN holds characters that cannot travel in an HTTP header: use "
+                                  "printable ASCII")
             self.session.headers["Authorization"] = f"Bearer {self.settings.api_token}"
         self.last_latency_ms: float | None = None
 
@@ -237,8 +241,9 @@ class HttpTransport(GpuTransport):
             return self._decode(resp, method, path)
         except GpuBridgeError as exc:
             retries = getattr(resp.raw, "retries", None)
-            if retries is not None and any(h.error is not None for h in retries.history):
-                exc.retried = True  # an earlier attempt may already have done the work
+            if retries is not None and any(isinstance(h.error, ReadTimeoutError | ProtocolError)
+                                           for h in retries.history):
+                exc.retried = True  # an earlier attempt reached the host and may already have done the work
             raise
 
     def _decode(self, resp: requests.Response, method: str, path: str) -> dict:

@@ -15,7 +15,8 @@ CLI work unchanged. Protocol, layout and mount options: ``gpu_bridge.spool``.
   picked up is withdrawn (unlinked from ``new/``) so it can never run later behind the caller's back.
 * Jobs on this channel have the pull command's request id as ``id``; ``get_job`` reads the worker's
   progress file; ``pull_and_wait`` waits for a terminal state, bounded by *progress*: it gives up
-  when the job has not changed for ``GPU_BRIDGE_PULL_TIMEOUT`` seconds or the worker is down.
+  when the job has not changed for ``GPU_BRIDGE_PULL_TIMEOUT`` seconds, or the worker has been down
+  for ``RESTART_GRACE`` seconds (a restarted worker resumes the pull under the same job id).
 
 Every error carries ``host=<label>``. A dead heartbeat or an unprepared share is
 ``GpuHostUnreachable``; no answer in time is ``GpuHostTimeout`` (``code=command_expired`` when the
@@ -49,6 +50,7 @@ from ..errors import (
 from .base import GpuTransport
 from .http import _CODE_TYPES, _HOST_DOWN_CODES
 
+RESTART_GRACE = 5.0  # seconds a pull_and_wait tolerates a down worker (it resumes pulls after a restart)
 _DOWN_HINT = "is gpu-nfs-worker.service running there and the share mounted?"
 
 
@@ -143,7 +145,7 @@ class NfsTransport(GpuTransport):
         stall_limit = self.settings.client.pull_timeout
         poll = max(self.nfs.poll_interval, 0.05)
         key, last_change = None, time.monotonic()
-        next_beat_check = 0.0
+        next_beat_check, down_since = 0.0, None
         while True:
             doc = self._read_progress(job_id)
             if doc is not None:
@@ -167,7 +169,10 @@ class NfsTransport(GpuTransport):
                                   f"{job.get('status') or 'none'}", host=self.label, extra={"job": job})
             if now >= next_beat_check:
                 live = self._liveness()
-                if live.alive is False:
+                down_since = (down_since or now) if live.alive is False else None
+                # A restart (systemctl restart, a crash and Restart=) resumes the pull: give it time.
+                grace = max(RESTART_GRACE, spool.DEAD_AFTER_BEATS * self._monitor.interval())
+                if down_since is not None and now - down_since >= grace:
                     raise GpuHostUnreachable(
                         f"{self.label}: the pull of {job.get('model')!r} (job {job_id}) is unfinished and "
                         f"{live.describe()}: {_DOWN_HINT} (the worker resumes the pull when it restarts)",
