@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from support.procs import ServerProcess, VENV_BIN, free_port, wait_until
+from support.procs import VENV_BIN, ServerProcess, free_port, wait_until
 
 GPU_TOKEN = "fault-gpu-token-4f1c2a9e0b7d"
 GPU_APP = "gpu_bridge.gpu_server:create_app()"

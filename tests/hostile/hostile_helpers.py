@@ -72,8 +72,9 @@ def gunicorn(app: str, env: dict, *, probe: str, name: str, access_log: bool = T
 # --- inputs ------------------------------------------------------------------------------------------------------
 _PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,10}"
 _part = st.from_regex(_PART, fullmatch=True)
-_host = st.one_of(st.sampled_from(["registry.ollama.ai", "hf.co", "HF.CO", "localhost:5000", "evil.example.com",
-                                   "127.0.0.1:11434"]), st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,12}", fullmatch=True))
+_host = st.one_of(
+    st.sampled_from(["registry.ollama.ai", "hf.co", "HF.CO", "localhost:5000", "evil.example.com", "127.0.0.1:11434"]),
+    st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,12}", fullmatch=True))
 
 
 @st.composite
@@ -122,9 +123,14 @@ def path_of(value: str) -> str:
     return quote(value, safe="")
 
 
-def routable(value: str) -> bool:
-    """Can ``value`` reach a ``<path:...>`` route at all? (empty, a leading '/' or a newline cannot)."""
-    return bool(value) and not value.startswith("/") and "\n" not in value
+def route_miss_allowed(value: str) -> bool:
+    """May a ``<path:...>`` route miss ``value`` (404 ``not_found``)? Empty values and a leading '/' never
+    match; a newline may or may not (the converter's regex), and such a value is invalid anyway."""
+    return not value or value.startswith("/") or "\n" in value
+
+
+def route_miss_certain(value: str) -> bool:
+    return not value or value.startswith("/")
 
 
 def name_verdict(name: object, registries: tuple[str, ...] | None = DEFAULT_ALLOWED_REGISTRIES) -> str | None:

@@ -85,7 +85,7 @@ def test_gpu_server_every_route_but_health_requires_the_token(gpu_app):
     assert len(guarded) >= 10
 
     failures = []
-    for method, path, endpoint in guarded:
+    for method, path, _ in guarded:
         for label, headers in _bad_auth(GPU_TOKEN).items():
             r = _send(client, method, path, headers)
             if r.status_code != 401 or r.get_json().get("code") != "unauthorized" \
@@ -94,7 +94,7 @@ def test_gpu_server_every_route_but_health_requires_the_token(gpu_app):
     assert not failures, "\n".join(failures)
 
     # With the token every state-changing call gets past authentication (so the walk reached real routes).
-    for method, path, endpoint in calls:
+    for method, path, _ in calls:
         if method in STATE_CHANGING:
             r = _send(client, method, path, GPU_AUTH)
             assert r.status_code != 401, f"{method} {path}: {r.status_code} with the right token"

@@ -27,13 +27,15 @@ from hostile_helpers import (
     name_verdict,
     names_strategy,
     path_of,
-    routable,
+    route_miss_allowed,
+    route_miss_certain,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpu_bridge import names
 from gpu_bridge.backend import create_app as create_backend
+from gpu_bridge.errors import InvalidModelName
 from gpu_bridge.gpu_server import create_app as create_gpu_server
 from support.procs import emulator_control, free_port
 
@@ -84,12 +86,14 @@ def test_gpu_pull_accepts_exactly_the_valid_names(gpu_client, name):
     r = gpu_client.post(f"/api/models/{path_of(name)}", headers=GPU_AUTH)
     body = _no_unintended_5xx(r)
     verdict = name_verdict(name)
-    if not routable(name):
-        assert (r.status_code, body["code"]) == (404, "not_found"), (name, body)
+    if route_miss_certain(name) or (route_miss_allowed(name) and r.status_code == 404):
+        assert (r.status_code, body["code"]) == (404, "not_found") and verdict is not None, (name, body)
     elif verdict is None:
         assert r.status_code == 202, (name, body)
-        assert body["model"] == names.parse(name).display and body["state"] in ("queued", "running", "failed",
-                                                                                 "succeeded")
+        # A pull that joined the running pull of the same model (names are case-insensitive) shows its spelling.
+        expected = names.parse(name).display
+        assert body["model"] == expected or (body["joined"] and names.same_model(body["model"], expected)), body
+        assert body["state"] in ("queued", "running", "failed", "succeeded")
         assert r.headers["Location"] == f"/api/jobs/{body['id']}"
     else:
         assert (r.status_code, body["code"]) == (400, verdict), (name, body)
@@ -100,8 +104,9 @@ def test_gpu_pull_accepts_exactly_the_valid_names(gpu_client, name):
 def test_gpu_delete_accepts_exactly_the_valid_names(gpu_client, name):
     r = gpu_client.delete(f"/api/models/{path_of(name)}", headers=GPU_AUTH)
     body = _no_unintended_5xx(r)
-    if not routable(name):
-        assert (r.status_code, body["code"]) == (404, "not_found"), (name, body)
+    missed = route_miss_allowed(name) and (r.status_code, body["code"]) == (404, "not_found")
+    if route_miss_certain(name) or missed:
+        assert (r.status_code, body["code"]) == (404, "not_found") and name_verdict(name) is not None, (name, body)
     elif name_verdict(name, None) is None:  # delete fetches nothing: no registry allow-list
         assert (r.status_code, body.get("code")) in ((200, None), (404, "model_not_found")), (name, body)
         if r.status_code == 200:
@@ -163,8 +168,9 @@ def test_gpu_ignores_or_limits_bodies(gpu_client, body, content_type, route, met
     answer = _no_unintended_5xx(r)
     if len(body) > BODY_LIMIT:
         assert (r.status_code, answer["code"]) == (413, "payload_too_large"), answer
-    else:
-        assert r.status_code in (202, 400, 404, 409), answer  # the routes read no body: as without one
+    else:  # the routes read no body: the same answer as without one
+        bare = gpu_client.open(route, method=method, headers=GPU_AUTH)
+        assert (r.status_code, answer.get("code")) == (bare.status_code, _json(bare).get("code")), answer
 
 
 # ====================================== backend, GPU host down ==================================================
@@ -263,6 +269,10 @@ def test_backend_cancel_unknown_pull(dead_backend, body):
 def test_backend_unknown_pull_status(dead_backend, pull_id):
     client, label = dead_backend
     r = client.get(f"/config/pull-status/{path_of(pull_id)}")
+    if r.status_code == 308 and pull_id.startswith("/"):
+        # Known: the backend merges '//' with an HTML redirect (test_backend_double_slash_is_a_json_404).
+        assert r.headers.get("Location"), r.headers
+        return
     answer = _no_unintended_5xx(r, label)
     if pull_id == "" or "/" in pull_id:
         assert (r.status_code, answer["code"]) == (404, "not_found"), (pull_id, answer)
@@ -327,4 +337,32 @@ def test_backend_and_gpu_server_agree_on_names(live_backend, name):
         assert (r.status_code, answer["code"], result["code"]) == (400, registry, registry), (name, answer)
     else:
         assert r.status_code == 202 and result["ok"] is True, (name, answer)
-        assert result["job"]["model"] == names.parse(name).display
+        assert names.same_model(result["job"]["model"], names.parse(name).display), (name, answer)
+
+
+@pytest.mark.xfail(strict=True, reason="APP BUG (backend): a path with '//' is answered 308 with an HTML body "
+                   "(Werkzeug's merge_slashes redirect bypasses the JSON error handlers), and an id sent as "
+                   "%2F<id> is redirected to a different id. The GPU server sets url_map.merge_slashes = False "
+                   "and answers a JSON 404; the backend should do the same.")
+def test_backend_double_slash_is_a_json_404(dead_backend):
+    client, _ = dead_backend
+    for path in ("/config//models", "/config/pull-status//abc", "/config/pull-status/%2Fabc"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.mimetype == "application/json", (path, r.status_code, r.data[:80])
+
+
+@settings(FUZZ, max_examples=1000)
+@given(name=names_strategy)
+def test_names_we_accept_ollama_accepts(name):
+    """An independent check of the grammar: whatever gpu_bridge.names accepts, Ollama's parser (as the
+    emulator implements it from Ollama's source) accepts too, with the same parts."""
+    import ollama_emulator
+
+    try:
+        ours = names.parse(name)
+    except InvalidModelName:
+        return
+    theirs = ollama_emulator.parse_name(name)
+    assert theirs is not None, f"{name!r} accepted by gpu_bridge.names but not by Ollama's grammar"
+    assert (ours.host, ours.namespace, ours.model, ours.tag) == (theirs.host, theirs.namespace, theirs.model,
+                                                                 theirs.tag)

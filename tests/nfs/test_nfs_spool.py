@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 from nfs_helpers import transport
@@ -297,3 +298,32 @@ def test_worker_errors_map_like_the_http_transport(share):
     assert isinstance(e, QueueFull) and e.retry_after == 10
     e = t._error({"error": "?", "code": "something_new", "status": 500})
     assert isinstance(e, GpuHostError) and e.code == "something_new"
+
+
+def test_a_live_worker_that_does_not_answer_times_out_with_a_clear_message(share):
+    """A heartbeat that keeps moving (a worker stuck on something else): GpuHostTimeout, command withdrawn."""
+    paths = spool.HostPaths(str(share), "gpu-01")
+    spool.prepare_host(paths)
+    stop = threading.Event()
+
+    spool.write_json(paths.status_tmp, paths.heartbeat, {"counter": 0, "boot": "x", "interval": 0.1})
+
+    def beat():
+        counter = 0
+        while not stop.wait(0.05):
+            counter += 1
+            spool.write_json(paths.status_tmp, paths.heartbeat, {"counter": counter, "boot": "x", "interval": 0.1})
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    try:
+        t = transport(share, "gpu-01")
+        with pytest.raises(GpuHostTimeout) as exc:
+            t.ping(timeout=0.5)
+    finally:
+        stop.set()
+        beater.join()
+    msg = exc.value.message
+    assert msg.startswith("no answer from gpu-01 within 0.5 s to 'ping' (the command was withdrawn and will not run)")
+    assert "heartbeat is alive" in msg and exc.value.host == "gpu-01:8001"
+    assert spool.list_names(paths.cmd_new) == []

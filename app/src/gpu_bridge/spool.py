@@ -86,6 +86,17 @@ Answer (``gpu_status/<host>/answers/<id>.json``)::
     {"v": 1, ..., "ok": false, "error": {"error": "<message>", "code": "<errors.py code>", "status": 404,
      ...extra such as "job"}}
 
+Status files (all replaced atomically by the worker)::
+
+    heartbeat.json  {"v": 1, "host", "node", "pid", "boot": "<random per start>", "counter": n,
+                     "interval": s, "state": "running"|"stopped", "pulls": {"running", "queued"},
+                     "uptime_seconds", "version", "served", "started_at", "written_at", "poll_interval"}
+    models.json     {"v": 1, "host", "boot", "counter": <heartbeat counter when written>,
+                     "refresh_interval": s, "refreshed_at", "models": [<GET /api/models entries>],
+                     "ollama": {"reachable", "version", "latency_ms", "error"?, "code"?},
+                     "gpu": {<GET /api/health "gpu">}}
+    jobs/<id>.json  {"v": 1, "host", "boot", "seq": n, "written_at", "job": {<Job object, "id" = request id>}}
+
 Request ids are ``<time ns, 19 digits>-<pid>-<hostname>-<random hex>``: unique without coordination,
 and they sort in creation order, which is the order the worker serves them in.
 
@@ -131,7 +142,7 @@ CLOCK_SKEW_ALLOWANCE = 2.0  # seconds, only for the provisional mtime hint of a 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 OPS = ("ping", "list", "pull", "delete", "job", "cancel", "health")
 
-HOST_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
+HOST_ID_RE = re.compile(r"^[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,127}$")  # ":" first: IPv6 such as ::1
 REQUEST_ID_RE = re.compile(r"^[0-9]{19}-[0-9]+-[A-Za-z0-9_.-]{1,64}-[0-9a-f]{12}$")
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _HOSTNAME = _HOST_CHARS.sub("_", socket.gethostname())[:64] or "host"
