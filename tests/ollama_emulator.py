@@ -710,6 +710,9 @@ def _progress_line(item: Layer, completed: int) -> dict:
 class Handler(BaseHTTPRequestHandler):
     server: EmulatorServer
     protocol_version = "HTTP/1.1"  # keep-alive and chunked streams, like Go's net/http
+    # Headers and body go out in separate writes; without TCP_NODELAY, Nagle + delayed ACK add ~40 ms
+    # to every keep-alive answer, which Go (Ollama) never does.
+    disable_nagle_algorithm = True
 
     # --- plumbing ----------------------------------------------------------------------------
     def do_GET(self):
