@@ -142,6 +142,9 @@ class Stack:
         argv = [sys.executable, str(EMULATOR), "--host", "127.0.0.1", "--port", str(port), *flags]
         return self._add(Proc(name, argv, clean_env(), self.tmp, port))
 
+    def process(self, name: str, argv: list[str], **env) -> Proc:
+        return self._add(Proc(name, argv, clean_env(**env), self.tmp))
+
     def gunicorn(self, name: str, app: str, env: dict, *, threads: int = 8) -> Proc:
         port = free_port()
         argv = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1",

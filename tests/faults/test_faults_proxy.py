@@ -119,8 +119,8 @@ def _fresh(session: requests.Session, url: str) -> bool:
     return r.status_code == 200 and r.json()["source"] == "gpu" and r.json()["stale"] is False
 
 
-# mode, added latency (s): latency stays below the backend's read timeout (0.6 s), the others are failures.
-MODES = [("latency", 0.3), ("drop", 0.0), ("reset", 0.0), ("blackhole", 0.0)]
+# mode, added latency (s): 0.2 s stays well below the backend's read timeout (0.6 s); the others are failures.
+MODES = [("latency", 0.2), ("drop", 0.0), ("reset", 0.0), ("blackhole", 0.0)]
 
 
 @pytest.mark.parametrize(("mode", "latency"), MODES, ids=[m for m, _ in MODES])

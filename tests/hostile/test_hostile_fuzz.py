@@ -144,12 +144,13 @@ def test_gpu_pull_wait_flag(gpu_client, wait):
 
 @FUZZ
 @given(authorization=latin1_text, request_id=latin1_text,
-       route=st.sampled_from(["/api/models", "/api/jobs", "/api/ready", "/metrics", "/api/openapi.json"]))
+       route=st.sampled_from(["/api/models", "/api/jobs", "/api/ready", "/metrics", "/api/openapi.json",
+                              "/api/health"]))
 def test_gpu_headers(gpu_client, authorization, request_id, route):
     r = gpu_client.get(route, headers={"Authorization": authorization, "X-Request-ID": request_id})
     assert r.status_code < 500, (authorization, r.data[:200])
     scheme, _, given_token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and given_token.strip() == GPU_TOKEN:
+    if route == "/api/health" or (scheme.lower() == "bearer" and given_token.strip() == GPU_TOKEN):
         assert r.status_code == 200
     else:
         assert r.status_code == 401 and _json(r)["code"] == "unauthorized"
@@ -292,6 +293,27 @@ def test_backend_limits_and_request_ids(dead_backend, limit, route, request_id):
         assert (r.status_code, answer["code"]) == (400, "invalid_request"), (limit, answer)
     else:
         assert r.status_code == 200 and isinstance(answer.get("pulls", answer.get("entries")), list)
+    echoed = r.headers["X-Request-ID"]
+    assert echoed == request_id if BACKEND_REQUEST_ID.match(request_id) else re.fullmatch(r"[0-9a-f]{32}", echoed)
+
+
+@FUZZ
+@given(authorization=st.one_of(latin1_text, latin1_text.map(lambda t: f"Bearer {t}")), request_id=latin1_text,
+       route=st.sampled_from(["/health", "/api/openapi.json", "/config/pulls", "/config/audit",
+                              "POST /config/delete-model", "POST /config/cancel-pull"]))
+def test_backend_headers(dead_backend, authorization, request_id, route):
+    client, label = dead_backend
+    method, _, path = route.rpartition(" ")
+    r = client.open(path, method=method or "GET", json={"model": "llama3.2", "id": "x"} if method else None,
+                    headers={"Authorization": authorization, "X-Request-ID": request_id})
+    answer = _no_unintended_5xx(r, label)
+    scheme, _, given_token = authorization.partition(" ")
+    if not method:
+        assert r.status_code == 200, answer  # reads are open
+    elif scheme.lower() == "bearer" and given_token.strip() == ADMIN_AUTH["Authorization"].split(" ", 1)[1]:
+        assert r.status_code != 401, answer
+    else:
+        assert (r.status_code, answer["code"]) == (401, "unauthorized"), (authorization, answer)
     echoed = r.headers["X-Request-ID"]
     assert echoed == request_id if BACKEND_REQUEST_ID.match(request_id) else re.fullmatch(r"[0-9a-f]{32}", echoed)
 
