@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from gpu_server_helpers import TOKEN
 
 from gpu_bridge.gpu_server import create_app
+from gpu_server_helpers import TOKEN
 from support.procs import emulator_control
 
 

@@ -8,11 +8,11 @@ import types
 
 import pynvml
 import pytest
-from gpu_server_helpers import AUTH, JOB_KEYS, TOKEN
 
 from gpu_bridge.config import GpuServerSettings
 from gpu_bridge.errors import ConfigError
 from gpu_bridge.gpu_server import create_app
+from gpu_server_helpers import AUTH, JOB_KEYS, TOKEN
 from support.procs import emulator_control, free_port, wait_until
 
 

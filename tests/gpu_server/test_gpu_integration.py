@@ -10,8 +10,8 @@ import time
 
 import pytest
 import requests
-from gpu_server_helpers import AUTH, TOKEN, check_schema
 
+from gpu_server_helpers import AUTH, TOKEN, check_schema
 from support.procs import (
     VENV_BIN,
     ServerProcess,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from gpu_server_helpers import AUTH, check_schema
 
+from gpu_server_helpers import AUTH, check_schema
 from support.procs import emulator_control, wait_until
 
 

@@ -39,9 +39,11 @@ BACKEND_UNIT = "gpu-bridge-backend.service"
 INSTALLED_MODEL = "llama3.2:latest"
 PULLABLE_MODEL = "tinyllama:latest"
 
-# Listeners that belong to the OS image, not to us: rpcbind (pulled in by nfs-common, socket
-# activated by systemd) on 111. Anything else listening must be ours and configured.
+# Listeners that are not ours: rpcbind (pulled in by nfs-common, socket activated by systemd) on
+# 111, and Docker's embedded DNS server on 127.0.0.11 (user-defined networks; test hosts only).
+# Anything else listening must be ours and configured.
 OS_LISTENER_PORTS = {111}
+DOCKER_DNS = "127.0.0.11"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,13 +223,13 @@ def main_pid(host, unit: str) -> int:
 
 
 def listeners(host) -> set[str]:
-    """TCP and UDP listening sockets as "proto://addr:port", without the OS image's own ones."""
+    """TCP and UDP listening sockets as "proto://addr:port", without the ones that are not ours."""
     out = set()
     for s in host.socket.get_listening_sockets():
         if s.startswith("unix://"):
             continue
-        port = int(s.rsplit(":", 1)[1])
-        if port not in OS_LISTENER_PORTS:
+        addr, port = s.split("://", 1)[1].rsplit(":", 1)
+        if int(port) not in OS_LISTENER_PORTS and addr != DOCKER_DNS:
             out.add(s)
     return out
 

@@ -43,15 +43,18 @@ def test_sigkill_restart_and_stale_cache(host, gpus):
         gpu.check_output("kill -KILL %s", str(old[name]))
         killed_at[name] = time.monotonic()
 
-    # Meanwhile: the cached list, marked stale, still naming every host.
-    during = backend(host, "GET", "/config/models?refresh=true")
-    assert during["status"] == 200, during
-    body = during["body"]
-    assert body["stale"] is True and body["source"] == "cache", body
-    assert hosts_of(body, INSTALLED_MODEL) == set(gpus), body
-    assert all(time.monotonic() - t < RESTART_DEADLINE for t in killed_at.values()), (
-        "the stale check ran after the restart deadline: the timing of this test is off"
+    # Meanwhile: the cached list, marked stale, still naming every host. (Polled: for a moment
+    # after the kill a gunicorn worker may still answer, until it sees its master is gone.)
+    first_kill = min(killed_at.values())
+    during = poll(
+        lambda: backend(host, "GET", "/config/models?refresh=true"),
+        lambda r: r["status"] == 200 and r["body"].get("stale") is True,
+        RESTART_DEADLINE - (time.monotonic() - first_kill),
+        "a stale listing from the cache while every GPU server is down",
     )
+    body = during["body"]
+    assert body["source"] == "cache", body
+    assert hosts_of(body, INSTALLED_MODEL) == set(gpus), body
 
     # systemd restarts each one within the deadline (counted from its kill).
     for name, gpu in gpus.items():

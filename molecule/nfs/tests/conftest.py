@@ -1,0 +1,28 @@
+"""Puts tests/ on sys.path (for tests/molecule_support, tests/realnfs) and loads the fixtures."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+
+from molecule_support.fixtures import ansible_runner, gpus, prod  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def vms(ansible_runner) -> dict:
+    """{inventory name: (address, private key)} of every VM, for direct SSH (tests/realnfs)."""
+    out = {}
+    for name in ansible_runner.get_hosts("all"):
+        v = ansible_runner.get_variables(name)
+        out[name] = (v["ansible_host"], v.get("ansible_private_key_file") or v.get("ansible_ssh_private_key_file"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def nfs_server(request, ansible_runner):
+    import testinfra
+
+    name = sorted(ansible_runner.get_hosts("nfs_servers"))[0]
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=request.config.option.ansible_inventory)
