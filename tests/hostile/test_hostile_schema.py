@@ -6,8 +6,9 @@ status code, content type, headers and body schema. The backend has a real GPU s
 (gunicorn) and Ollama emulator behind it, so its answers are the real ones.
 
 Mismatches already reported to the document owners are listed in ``KNOWN``: the fuzzing ignores
-exactly those and nothing else, and each has a deterministic ``xfail(strict=True)`` test below that
-turns red once the document is fixed (then delete the entry and the xfail).
+exactly those and nothing else (none at present). The deterministic tests below pin mismatches that
+were found and fixed: a job's ``status`` is null until the first progress line, and a bad ``limit``
+answers a documented 400.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.generation import GenerationMode
-from schemathesis.openapi.checks import JsonSchemaError, UndefinedStatusCode
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from gpu_bridge import __version__
@@ -65,17 +65,8 @@ class Known:
     matches: Callable[[Failure], bool]
 
 
-KNOWN = {
-    "backend": [
-        Known("backend document: components.schemas.Job.properties.status is {type: string} without nullable, but a "
-              "job answers status null until Ollama's first progress line (see test_backend_doc_job_status_null)",
-              None,
-              lambda f: isinstance(f, JsonSchemaError) and "/components/schemas/Job/properties/status" in f.message),
-        Known("backend document: GET /config/pulls and /config/audit answer 400 invalid_request for a limit that is "
-              "not an integer, undocumented (see test_backend_doc_bad_limit)",
-              frozenset({"GET /config/pulls", "GET /config/audit"}),
-              lambda f: isinstance(f, UndefinedStatusCode) and f.status_code == 400),
-    ],
+KNOWN: dict[str, list[Known]] = {
+    "backend": [],
     "gpu": [],
 }
 
@@ -170,7 +161,6 @@ def test_backend_conforms_to_its_document(backend_app, label, mode):
 
 
 # --- known document mismatches, one deterministic test each -------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=DocMismatch, reason=KNOWN["backend"][0].what)
 def test_backend_doc_job_status_null(backend_app, ollama):
     operation = BACKEND_OPERATIONS["POST /config/pull-model"]
     case = operation.Case(body={"model": "tinyllama"}, media_type="application/json")
@@ -185,7 +175,6 @@ def test_backend_doc_job_status_null(backend_app, ollama):
     _validate(case, response, [])
 
 
-@pytest.mark.xfail(strict=True, raises=DocMismatch, reason=KNOWN["backend"][1].what)
 @pytest.mark.parametrize("path", ["/config/pulls", "/config/audit"])
 def test_backend_doc_bad_limit(backend_app, path):
     case = BACKEND_OPERATIONS[f"GET {path}"].Case(query={"limit": "abc"})

@@ -116,7 +116,10 @@ def create_app(config: BackendSettings | Mapping[str, str] | None = None, *, tra
     version = db.migrate()
     fleet = GpuFleet(settings, transport_factory or make_transport)
 
-    app = Flask("gpu_bridge.backend")
+    # No static route: this is a JSON API. No slash merging: Werkzeug would answer "//" with an HTML
+    # redirect, bypassing our JSON errors, and could turn the id "%2Fabc" into another id.
+    app = Flask("gpu_bridge.backend", static_folder=None)
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions[EXTENSION] = BackendState(settings, db, fleet)

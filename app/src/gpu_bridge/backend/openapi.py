@@ -99,7 +99,8 @@ def openapi_document() -> dict:
             "/config/pulls": {"get": {
                 "summary": "Recent pulls (newest first)",
                 "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
-                "responses": {"200": _json({"type": "object", "properties": {"pulls": {"type": "array", "items": {
+                "responses": {"400": _err("limit is not an integer"),
+                              "200": _json({"type": "object", "properties": {"pulls": {"type": "array", "items": {
                     "type": "object"}}}}, "recent pulls")}}},
             "/config/delete-model": {"post": {
                 "summary": "Delete a model on every (or the chosen) GPU host",
@@ -115,7 +116,8 @@ def openapi_document() -> dict:
             "/config/audit": {"get": {
                 "summary": "Audit log of pull, cancel and delete requests (newest first)",
                 "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
-                "responses": {"200": _json({"type": "object", "properties": {"entries": {"type": "array", "items": {
+                "responses": {"400": _err("limit is not an integer"),
+                              "200": _json({"type": "object", "properties": {"entries": {"type": "array", "items": {
                     "type": "object", "properties": {
                         "id": {"type": "integer"}, "at": {"type": "string"}, "action": {"type": "string"},
                         "model": {"type": "string"}, "hosts": {"type": "array", "items": {"type": "string"}},
@@ -152,7 +154,9 @@ def openapi_document() -> dict:
                     "id": {"type": "string"}, "model": {"type": "string"},
                     "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
                     "completed": {"type": "integer"}, "total": {"type": "integer"},
-                    "percent": {"type": "number", "nullable": True}, "status": {"type": "string"},
+                    "percent": {"type": "number", "nullable": True},
+                    # null until Ollama's first progress line
+                    "status": {"type": "string", "nullable": True},
                     "error": {"type": "string", "nullable": True}, "error_code": {"type": "string", "nullable": True},
                     "created_at": {"type": "string"}, "started_at": {"type": "string", "nullable": True},
                     "finished_at": {"type": "string", "nullable": True}, "updated_at": {"type": "string"}}},

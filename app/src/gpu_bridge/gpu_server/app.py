@@ -131,7 +131,7 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
         log.warning("!!! GPU_BRIDGE_ALLOW_NO_TOKEN=true and no API token: the GPU server accepts EVERY request "
                     "without authentication. Never run like this outside development. !!!")
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # a JSON API: no static route
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     # Model names contain "/": "a//b" must reach the name check (400), not a merge-slashes redirect.
