@@ -264,8 +264,10 @@ def test_ollama_stopped_answers_503_fast():
             elapsed = time.monotonic() - started
             assert response.status_code == 503 and response.json()["code"] == "ollama_unavailable"
             assert elapsed < 2.0 + 1.0  # connect timeout + margin: never a hang
-        health = requests.get(f"{server.url}/api/health", timeout=10).json()
-        assert health["status"] == "degraded" and health["ollama"]["reachable"] is False
+        # Health caches its Ollama probe for 1 s: it must say "unreachable" once that has passed.
+        health = wait_until(lambda: (h := requests.get(f"{server.url}/api/health", timeout=10).json())
+                            ["ollama"]["reachable"] is False and h, timeout=3, what="health to see Ollama down")
+        assert health["status"] == "degraded"
         assert "gpu_bridge_ollama_up 0.0" in requests.get(f"{server.url}/metrics", headers=AUTH, timeout=10).text
     finally:
         server.stop()

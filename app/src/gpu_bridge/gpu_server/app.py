@@ -27,7 +27,7 @@ from ..config import GpuServerSettings
 from ..errors import ConfigError, GpuBridgeError, PayloadTooLarge, RateLimited, Unauthorized
 from ..jobs import JobManager
 from ..ollama import OllamaAdapter
-from .health import GpuProbe
+from .health import GpuProbe, OllamaProbe
 from .metrics import Metrics
 from .ratelimit import TokenBucket
 
@@ -60,6 +60,7 @@ class ServerState:
     gpu: GpuProbe
     limiter: TokenBucket
     token: bytes | None
+    ollama_probe: OllamaProbe | None = None
     started: float = field(default_factory=time.monotonic)
 
     def probe_read_timeout(self) -> float:
@@ -148,6 +149,7 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
     state = ServerState(settings=settings, adapter=adapter, jobs=jobs, metrics=metrics, gpu=GpuProbe(),
                         limiter=TokenBucket(settings.rate_limit_per_minute),
                         token=settings.api_token.encode("utf-8") if settings.api_token else None)
+    state.ollama_probe = OllamaProbe(adapter, state.probe_read_timeout())
     state_box["state"] = state
     app.extensions[EXTENSION] = state
 

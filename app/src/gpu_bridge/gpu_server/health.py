@@ -109,3 +109,26 @@ def ollama_status(adapter, read_timeout: float) -> dict:
         return {"reachable": False, "version": None, "latency_ms": None, "error": f"probe failed: {exc}"}
     return {"reachable": True, "version": version,
             "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+class OllamaProbe:
+    """``ollama_status`` cached for ``ttl`` seconds, one probe at a time.
+
+    Load balancers and monitors poll ``/api/health`` often; without the cache every poll would also
+    hit Ollama, and a burst of polls would become a burst of Ollama requests. One second keeps the
+    answer fresh enough for liveness while bounding Ollama's probe load to one request per second.
+    """
+
+    def __init__(self, adapter, read_timeout: float, ttl: float = 1.0):
+        self.adapter, self.read_timeout, self.ttl = adapter, read_timeout, ttl
+        self._lock = threading.Lock()
+        self._cached: dict | None = None
+        self._cached_at = 0.0
+
+    def status(self) -> dict:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached_at >= self.ttl:
+                self._cached = ollama_status(self.adapter, self.read_timeout)
+                self._cached_at = time.monotonic()
+            return dict(self._cached)

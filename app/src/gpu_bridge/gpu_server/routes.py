@@ -13,7 +13,6 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from .. import __version__, names
 from ..errors import InsufficientStorage, InvalidRequest, OllamaError, OllamaUnavailable, RateLimited
 from .app import EXTENSION, ServerState
-from .health import ollama_status
 from .openapi import build_document
 
 log = logging.getLogger("gpu_bridge.gpu_server")
@@ -74,7 +73,7 @@ def check_free_space(state: ServerState) -> None:
 @api.get("/api/health")
 def health():
     state = _state()
-    ollama = ollama_status(state.adapter, state.probe_read_timeout())
+    ollama = state.ollama_probe.status()
     gpu = state.gpu.snapshot()
     return jsonify({
         "status": "ok" if ollama["reachable"] and gpu["available"] else "degraded",
