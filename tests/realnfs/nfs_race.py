@@ -129,7 +129,8 @@ def ensure_export(server: str, key: str, clients: str, export: str = EXPORT) -> 
     ssh(
         server,
         key,
-        f"set -e; mkdir -p {export}; chmod 1777 {export}; systemctl is-active -q nfs-server || systemctl start nfs-server;"
+        f"set -e; mkdir -p {export}; chmod 1777 {export};"
+        " systemctl is-active -q nfs-server || systemctl start nfs-server;"
         f" exportfs -o rw,sync,no_subtree_check {clients}:{export}",
     )
 

@@ -11,7 +11,7 @@ from molecule_support.fixtures import ansible_runner, gpus, prod  # noqa: E402, 
 
 
 @pytest.fixture(scope="session")
-def vms(ansible_runner) -> dict:
+def vms(ansible_runner) -> dict:  # noqa: F811
     """{inventory name: (address, private key)} of every VM, for direct SSH (tests/realnfs)."""
     out = {}
     for name in ansible_runner.get_hosts("all"):
@@ -21,8 +21,19 @@ def vms(ansible_runner) -> dict:
 
 
 @pytest.fixture(scope="session")
-def nfs_server(request, ansible_runner):
+def nfs_server(request, ansible_runner):  # noqa: F811
     import testinfra
 
     name = sorted(ansible_runner.get_hosts("nfs_servers"))[0]
     return testinfra.get_host(f"ansible://{name}", ansible_inventory=request.config.option.ansible_inventory)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Marks the end of verify in the scenario's timings (molecule/nfs/timing.yml, destroy.yml)."""
+    import os
+    import time
+
+    timings = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent")) / "timings"
+    if timings.exists():
+        with timings.open("a") as f:
+            f.write(f"verify {time.time():.3f}\n")

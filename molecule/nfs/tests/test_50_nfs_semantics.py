@@ -7,7 +7,6 @@ options + open() (our protocol) see it every time.
 
 from realnfs.nfs_race import run_matrix, verdict
 
-
 ROUNDS = 50
 
 
