@@ -7,7 +7,6 @@ fault is detected, and recovered from, within seconds; every wait is a bounded `
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,15 +34,7 @@ BACKEND_FAST = {
 class QuickStop(ServerProcess):
     """gunicorn stopped with SIGQUIT (no graceful drain): teardown costs no seconds."""
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.proc.wait(5)
+    stop_signal = signal.SIGQUIT
 
 
 def gunicorn(app: str, env: dict, *, probe: str, name: str, port: int | None = None, threads: int = 8) -> QuickStop:

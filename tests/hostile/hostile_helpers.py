@@ -4,7 +4,6 @@ input must produce (importable: pytest puts this directory on sys.path)."""
 from __future__ import annotations
 
 import signal
-import subprocess
 from urllib.parse import quote
 
 from hypothesis import strategies as st
@@ -40,15 +39,7 @@ def backend_config(hosts: str, db_path, *, bind: str = "0.0.0.0:8000", **extra) 
 
 
 class QuickStop(ServerProcess):
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.proc.wait(5)
+    stop_signal = signal.SIGQUIT
 
     def graceful_stop(self, timeout: float = 15.0) -> None:
         """SIGTERM and wait: every log line is written before the process exits."""

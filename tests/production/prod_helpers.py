@@ -149,15 +149,7 @@ class QuickStopProcess(ServerProcess):
     """gunicorn's quick shutdown (SIGQUIT to the process group): tests need no graceful drain, and a
     graceful stop costs ~2 s per process."""
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.proc.wait(5)
+    stop_signal = signal.SIGQUIT
 
 
 class HostServerProcess(QuickStopProcess):
