@@ -112,9 +112,11 @@ def compare_gpu(gpu: dict, smi: list, where: str) -> None:
         else:
             emit(f"{tag} memory total", "FAIL", f"probe {total!r}, nvidia-smi {smi_total!r}{suffix}")
         if _is_int(used) and _is_int(total):
-            emit(f"{tag} memory used", "PASS" if 0 <= used <= total else "FAIL",
-                 f"probe {used / 2**20:.0f} MiB of {total / 2**20:.0f} MiB; nvidia-smi {row['memory_used_mib']} MiB"
-                 " (NVML's v1 figure includes the driver's reserved memory, so it may exceed nvidia-smi's)")
+            smi_used = row["memory_used_mib"]
+            close = smi_used is not None and abs(used - smi_used * 2**20) <= MEMORY_TOLERANCE * total
+            emit(f"{tag} memory used", "PASS" if 0 <= used <= total and close else "FAIL",
+                 f"probe {used / 2**20:.0f} MiB of {total / 2**20:.0f} MiB; nvidia-smi {smi_used} MiB"
+                 f" (limit: {MEMORY_TOLERANCE:.0%} of the total apart)")
         else:
             emit(f"{tag} memory used", "FAIL", f"probe {used!r}{suffix}")
         _ranged(f"{tag} temperature", device.get("temperature_c"), row["temperature_c"], TEMPERATURE_RANGE, "C",

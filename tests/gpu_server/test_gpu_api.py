@@ -112,7 +112,8 @@ def test_health_reads_each_gpu_metric_separately(client, monkeypatch):
 
     fake = {"nvmlInit": lambda: None, "nvmlDeviceGetCount": lambda: 1, "nvmlDeviceGetHandleByIndex": lambda i: i,
             "nvmlDeviceGetName": lambda h: b"NVIDIA H100 80GB HBM3",
-            "nvmlDeviceGetMemoryInfo": lambda h: types.SimpleNamespace(total=80 * 2**30, used=2**30, free=0),
+            "nvmlDeviceGetMemoryInfo": lambda h, version=None: types.SimpleNamespace(total=80 * 2**30, used=2**30,
+                                                                                     free=0),
             "nvmlDeviceGetUtilizationRates": unsupported, "nvmlDeviceGetTemperature": lambda h, s: 41}
     for name, value in fake.items():
         monkeypatch.setattr(pynvml, name, value)
@@ -123,6 +124,33 @@ def test_health_reads_each_gpu_metric_separately(client, monkeypatch):
     assert (device["memory_total_bytes"], device["memory_used_bytes"]) == (80 * 2**30, 2**30)
     assert device["utilization_percent"] is None and "utilization" in device["error"]
     assert device["temperature_c"] == 41
+
+
+@pytest.mark.parametrize("v2_supported", [True, False])
+def test_health_reports_used_memory_without_the_driver_reserve(client, monkeypatch, v2_supported):
+    """v2 (when the driver has it) reports the driver's reserve apart; v1 counts it as used."""
+    calls = []
+
+    def memory_info(handle, version=None):
+        calls.append(version)
+        if version is None:
+            return types.SimpleNamespace(total=80 * 2**30, used=2**30 + 615 * 2**20, free=0)
+        if not v2_supported:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        return types.SimpleNamespace(total=80 * 2**30, reserved=615 * 2**20, used=2**30, free=0)
+
+    fake = {"nvmlInit": lambda: None, "nvmlDeviceGetCount": lambda: 1, "nvmlDeviceGetHandleByIndex": lambda i: i,
+            "nvmlDeviceGetName": lambda h: "NVIDIA H200", "nvmlDeviceGetMemoryInfo": memory_info,
+            "nvmlDeviceGetUtilizationRates": lambda h: types.SimpleNamespace(gpu=3, memory=1),
+            "nvmlDeviceGetTemperature": lambda h, s: 46}
+    for name, value in fake.items():
+        monkeypatch.setattr(pynvml, name, value)
+    (device,) = client.get("/api/health").get_json()["gpu"]["devices"]
+    assert "error" not in device
+    if v2_supported:
+        assert calls == [pynvml.nvmlMemory_v2] and device["memory_used_bytes"] == 2**30
+    else:
+        assert calls == [pynvml.nvmlMemory_v2, None] and device["memory_used_bytes"] == 2**30 + 615 * 2**20
 
 
 def test_health_with_ollama_down_is_still_200(make_app):

@@ -79,7 +79,7 @@ class GpuProbe:
         except Exception as exc:  # noqa: BLE001
             errors.append(f"name: {exc}")
         try:
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            memory = _memory_info(pynvml, handle)
             device["memory_total_bytes"] = int(memory.total)
             device["memory_used_bytes"] = int(memory.used)
         except Exception as exc:  # noqa: BLE001
@@ -95,6 +95,22 @@ class GpuProbe:
         if errors:
             device["error"] = "; ".join(errors)
         return device
+
+
+def _memory_info(pynvml, handle):
+    """NVML's v2 memory figures when the driver has them, else v1.
+
+    v1's ``used`` counts the memory the driver reserves for itself (615 MiB on an idle H200 with
+    driver 580, where nvidia-smi says 0 MiB); v2 reports that apart, so ``used`` is what the
+    operator sees in nvidia-smi. Drivers before r510 lack v2 and answer with an NVML error.
+    """
+    version = getattr(pynvml, "nvmlMemory_v2", None)
+    if version is not None:
+        try:
+            return pynvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+        except pynvml.NVMLError:
+            pass
+    return pynvml.nvmlDeviceGetMemoryInfo(handle)
 
 
 def ollama_status(adapter, read_timeout: float) -> dict:
