@@ -19,6 +19,7 @@ from gpu_bridge import spool
 from gpu_bridge.errors import (
     Conflict,
     GpuHostUnreachable,
+    InsufficientStorage,
     InvalidModelName,
     JobNotFound,
     ModelNotFound,
@@ -343,3 +344,16 @@ def test_housekeeping_removes_stale_temp_files_and_old_answers(share, module_emu
         assert os.path.exists(new_answer)
     finally:
         assert w.stop() == 0
+
+
+def test_pull_refused_when_the_models_disk_is_full(share, workers, module_emulator, tmp_path):
+    """The worker applies the HTTP server's free-space rule (jobs.check_free_space): 507, no job."""
+    models_dir = tmp_path / "models" / "not-created-yet"  # measured at its nearest existing parent
+    workers(share, "127.0.0.1", module_emulator.url, GPU_BRIDGE_OLLAMA_MODELS_DIR=str(models_dir),
+                GPU_BRIDGE_MIN_FREE_GB="100000000")
+    t = transport(share, "127.0.0.1")
+    with pytest.raises(InsufficientStorage) as exc:
+        t.start_pull("tinyllama")
+    assert "GPU_BRIDGE_MIN_FREE_GB" in exc.value.message and "on 127.0.0.1" in exc.value.message
+    assert exc.value.status == 507
+    assert t.list_jobs() == []

@@ -52,7 +52,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import threading
@@ -66,11 +65,11 @@ from .errors import (
     CommandExpired,
     Conflict,
     GpuBridgeError,
-    InsufficientStorage,
     InvalidRequest,
     JobNotFound,
     ModelNotFound,
 )
+from .jobs import check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +485,7 @@ class NfsWorker:
 
     def _op_pull(self, rid: str, args: dict, recovered: bool) -> dict:
         model = names.validate(args.get("model"), self.server.allowed_registries).display
-        self._check_free_space()
+        check_free_space(self.server.ollama_models_dir, self.server.min_free_bytes, f" on {self.paths.host_id}")
         return self._submit_pull(rid, model)
 
     def _op_job(self, rid: str, args: dict, recovered: bool) -> dict:
@@ -528,19 +527,6 @@ class NfsWorker:
                "finished_at": now, "updated_at": now}
         self._write_progress(job_id, doc, terminal=True)
         return doc
-
-    def _check_free_space(self) -> None:
-        directory = self.server.ollama_models_dir
-        if not directory or self.server.min_free_bytes <= 0:
-            return
-        try:
-            free = shutil.disk_usage(directory).free
-        except OSError as exc:
-            log.warning("cannot check free space of %s: %s", directory, exc)
-            return
-        if free < self.server.min_free_bytes:
-            raise InsufficientStorage(f"only {free / 1024**3:.1f} GiB free in {directory} on {self.paths.host_id} "
-                                      f"(need {self.server.min_free_bytes / 1024**3:.1f} GiB): delete models first")
 
     # --- pulls and their progress files ------------------------------------------------------------
     def _submit_pull(self, cmd_id: str, model: str, previous: dict | None = None) -> dict:

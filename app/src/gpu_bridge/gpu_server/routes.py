@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
 import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from .. import __version__, names
-from ..errors import InsufficientStorage, InvalidRequest, OllamaError, OllamaUnavailable, RateLimited
+from ..errors import InvalidRequest, OllamaError, OllamaUnavailable, RateLimited
+from ..jobs import check_free_space
 from .app import EXTENSION, ServerState
 from .openapi import build_document
 
@@ -20,7 +19,6 @@ api = Blueprint("api", __name__)
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
-_GB = 1024**3
 
 
 def _state() -> ServerState:
@@ -49,24 +47,6 @@ def _flag(name: str) -> bool:
     if raw in _FALSE:
         return False
     raise InvalidRequest(f"query parameter {name}={raw!r} must be true or false")
-
-
-def check_free_space(state: ServerState) -> None:
-    """507 when the models directory's file system has less than GPU_BRIDGE_MIN_FREE_GB free."""
-    directory = state.settings.ollama_models_dir
-    if not directory or state.settings.min_free_bytes <= 0:
-        return
-    path = os.path.abspath(directory)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)  # Ollama creates the directory on its first pull
-    try:
-        free = shutil.disk_usage(path).free
-    except OSError as exc:
-        log.warning("cannot check free space in %s: %s", directory, exc)
-        return
-    if free < state.settings.min_free_bytes:
-        raise InsufficientStorage(f"only {free / _GB:.1f} GB free in {directory}; a pull needs at least "
-                                  f"{state.settings.min_free_bytes / _GB:.1f} GB (GPU_BRIDGE_MIN_FREE_GB)")
 
 
 # --- health -------------------------------------------------------------------------------------
@@ -109,7 +89,7 @@ def pull_model(name: str):
     parsed = names.validate(name, state.settings.allowed_registries)
     wait = _flag("wait")
     if state.jobs.find_active(parsed.display) is None:
-        check_free_space(state)  # joining a running pull needs no new space
+        check_free_space(state.settings.ollama_models_dir, state.settings.min_free_bytes)  # joining needs none
     job, joined = state.jobs.submit(parsed.display)
     headers = {"Location": f"/api/jobs/{job.id}"}
     if not wait:
@@ -164,4 +144,4 @@ def openapi():
     return jsonify(build_document(__version__))
 
 
-__all__ = ["api", "check_free_space"]
+__all__ = ["api"]
