@@ -267,6 +267,21 @@ def test_nfs_heartbeat_cli_without_a_worker(share):
     assert r.stderr.count("\n") == 1 and "gpu-01: no heartbeat" in r.stderr
 
 
+def test_nfs_heartbeat_cli_says_when_it_may_not_read_the_share(share, monkeypatch, capsys):
+    """Root on a root_squash export is "nobody": say so, instead of "no heartbeat" after the timeout."""
+    from gpu_bridge import cli
+
+    def refused(path, *_args, **_kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setenv("GPU_BRIDGE_NFS_ROOT", str(share))
+    monkeypatch.setattr(spool, "read_json", refused)
+    assert cli.main(["nfs-heartbeat", "--host-id", "gpu-01", "--timeout", "30"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "Permission denied" in err and "service account" in err and "heartbeat.json" in err
+
+
 # --- production side without a worker ----------------------------------------------------------------
 def test_transport_on_an_unprepared_share(tmp_path):
     t = transport(tmp_path, "gpu-01")

@@ -711,8 +711,11 @@ def wait_heartbeat_advance(path: str, timeout: float, *, poll: float = 0.05) -> 
 
 
 def _read_quiet(path: str) -> dict | None:
+    """The heartbeat, or None while it is absent or half-visible; a refused read is not "absent"."""
     try:
         return read_json(path)
+    except PermissionError:
+        raise
     except (errors.ChannelError, OSError):
         return None
 
@@ -736,8 +739,14 @@ def cmd_nfs_heartbeat(args: argparse.Namespace) -> int:
     host_id = check_host_id(getattr(args, "host_id", None) or settings.host_id)
     timeout = float(getattr(args, "timeout", None) or 10.0)
     paths = HostPaths(settings.root, host_id)
-    advanced, first, last = wait_heartbeat_advance(paths.heartbeat, timeout,
-                                                   poll=min(0.1, settings.poll_interval * 2))
+    try:
+        advanced, first, last = wait_heartbeat_advance(paths.heartbeat, timeout,
+                                                       poll=min(0.1, settings.poll_interval * 2))
+    except PermissionError as exc:
+        # Typically root on a root_squash NFS share, where root is "nobody".
+        raise errors.ShareNotReady(f"cannot read {exc.filename or paths.heartbeat}: {exc.strerror}; run as the "
+                                   "service account that owns the share (root is squashed on most NFS exports)"
+                                   ) from None
     if advanced:
         print(f"{host_id}: heartbeat advanced ({(first or {}).get('counter')} -> {last.get('counter')})")
         return 0
