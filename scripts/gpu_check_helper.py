@@ -178,8 +178,8 @@ def cmd_check_metrics(args) -> int:
     emit("metrics: served", "PASS" if ours else "FAIL", f"{len(samples)} samples, {len(ours)} gpu_bridge_* samples")
     gpu = [s for s in samples if _GPU_SERIES.search(s[0])]
     if not gpu:
-        emit("metrics: GPU series", "SKIP", "/metrics exports no per-GPU series (gpu_server/metrics.py has none: "
-                                            "the GPU figures are only in /api/health)")
+        emit("metrics: GPU series", "FAIL", "/metrics exports no gpu_bridge_gpu_* series (gpu_server/metrics.py "
+                                            "GpuCollector should)")
         return 0
     smi = read_smi(args.smi)
     smi_totals = sorted(row["memory_total_mib"] * 2**20 for row in smi if row["memory_total_mib"])

@@ -177,3 +177,26 @@ def test_health_route_reports_the_gpu(gpu_host, module_emulator):
     body = response.get_json()
     assert body["status"] == "ok", body
     assert_matches_smi(body["gpu"], smi)
+
+
+def test_metrics_route_exports_each_gpu(gpu_host, module_emulator):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = create_app({"GPU_BRIDGE_API_TOKEN": "gpu-check-token-0123456789",
+                      "GPU_BRIDGE_OLLAMA_URL": module_emulator.url, "GPU_BRIDGE_METRICS_PUBLIC": "true"})
+    app.testing = True
+    try:
+        response = app.test_client().get("/metrics")
+        smi = query_smi()
+    finally:
+        app.extensions["gpu_bridge"].close()
+    assert response.status_code == 200
+    samples = {(s.name, s.labels.get("gpu")): (s.value, s.labels.get("name"))
+               for family in text_string_to_metric_families(response.get_data(as_text=True))
+               for s in family.samples if s.name.startswith("gpu_bridge_gpu_")}
+    assert samples[("gpu_bridge_gpu_available", None)][0] == 1.0
+    for row in smi:
+        total, name = samples[("gpu_bridge_gpu_memory_total_bytes", str(row["index"]))]
+        assert name == row["name"]
+        smi_total = row["memory_total_mib"] * 2**20
+        assert abs(total - smi_total) <= MEMORY_TOLERANCE * smi_total, (total, row)

@@ -394,3 +394,43 @@ def test_metrics_count_finished_pulls_and_ollama_down(make_app, ollama):
         "/metrics", headers=AUTH).get_data(as_text=True)
     down = make_app(f"http://127.0.0.1:{free_port()}").test_client()
     assert "gpu_bridge_ollama_up 0.0" in down.get("/metrics", headers=AUTH).get_data(as_text=True)
+
+
+def test_metrics_export_each_gpu_and_leave_out_what_the_board_lacks(client, monkeypatch):
+    def unsupported(*_args):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    fake = {"nvmlInit": lambda: None, "nvmlDeviceGetCount": lambda: 2, "nvmlDeviceGetHandleByIndex": lambda i: i,
+            "nvmlDeviceGetName": lambda h: f"NVIDIA H100 #{h}",
+            "nvmlDeviceGetMemoryInfo": lambda h, version=None: types.SimpleNamespace(
+                total=80 * 2**30, used=(h + 1) * 2**30, free=0, reserved=0),
+            "nvmlDeviceGetUtilizationRates": lambda h: types.SimpleNamespace(gpu=40 + h, memory=0),
+            "nvmlDeviceGetTemperature": lambda h, s: 50 if h == 0 else unsupported()}
+    for name, value in fake.items():
+        monkeypatch.setattr(pynvml, name, value)
+    samples = gpu_samples(client.get("/metrics", headers=AUTH).get_data(as_text=True))
+    assert samples[("gpu_bridge_gpu_available", ())] == 1.0
+    first, second = (("gpu", "0"), ("name", "NVIDIA H100 #0")), (("gpu", "1"), ("name", "NVIDIA H100 #1"))
+    assert samples[("gpu_bridge_gpu_memory_total_bytes", first)] == 80 * 2**30
+    assert samples[("gpu_bridge_gpu_memory_used_bytes", second)] == 2 * 2**30
+    assert samples[("gpu_bridge_gpu_utilization_percent", second)] == 41
+    assert samples[("gpu_bridge_gpu_temperature_celsius", first)] == 50
+    assert ("gpu_bridge_gpu_temperature_celsius", second) not in samples, "left out, not exported as 0"
+
+
+def gpu_samples(text: str) -> dict:
+    """{(sample name, sorted labels): value} of the gpu_bridge_gpu_* series in a scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) if family.name.startswith("gpu_bridge_gpu_")
+            for s in family.samples}
+
+
+def test_metrics_without_nvml_say_no_gpu(client, monkeypatch):
+    def no_library():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_library)
+    samples = gpu_samples(client.get("/metrics", headers=AUTH).get_data(as_text=True))
+    assert samples == {("gpu_bridge_gpu_available", ()): 0.0}

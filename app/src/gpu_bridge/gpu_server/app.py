@@ -142,7 +142,8 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
                             read_timeout=settings.ollama_read_timeout)
     state_box: dict = {}
     metrics = Metrics(pull_counts=lambda: state_box["state"].jobs.counts(),
-                      ollama_up=lambda: state_box["state"].ollama_up())
+                      ollama_up=lambda: state_box["state"].ollama_up(),
+                      gpu_snapshot=lambda: state_box["state"].gpu.snapshot())
     jobs = JobManager(adapter, max_concurrent=settings.max_concurrent_pulls, max_queued=settings.max_queued_pulls,
                       stall_timeout=settings.pull_stall_timeout, retention=settings.job_retention_seconds,
                       on_change=metrics.job_changed)

@@ -6,13 +6,50 @@ import threading
 from collections import OrderedDict
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 600.0)
 
 
+class GpuCollector:
+    """Per-GPU gauges from the health probe's NVML snapshot (cached by the probe, so scrapes are cheap).
+
+    A figure the board does not report (None in the snapshot) is left out rather than exported as 0.
+    """
+
+    _SERIES = (
+        ("gpu_bridge_gpu_memory_total_bytes", "GPU memory in total", "memory_total_bytes"),
+        ("gpu_bridge_gpu_memory_used_bytes", "GPU memory in use (without the driver's reserve where NVML "
+                                             "reports it apart)", "memory_used_bytes"),
+        ("gpu_bridge_gpu_utilization_percent", "GPU busy time over NVML's last sample period",
+         "utilization_percent"),
+        ("gpu_bridge_gpu_temperature_celsius", "GPU die temperature", "temperature_c"),
+    )
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def describe(self):
+        return []  # the series depend on the GPUs found at scrape time
+
+    def collect(self):
+        report = self.snapshot()
+        available = GaugeMetricFamily("gpu_bridge_gpu_available", "1 when NVML reports at least one GPU, else 0")
+        available.add_metric([], 1.0 if report.get("available") else 0.0)
+        yield available
+        for name, help_text, key in self._SERIES:
+            family = GaugeMetricFamily(name, help_text, labels=["gpu", "name"])
+            for device in report.get("devices", []):
+                value = device.get(key)
+                if value is not None:
+                    family.add_metric([str(device.get("index")), str(device.get("name") or "")], float(value))
+            yield family
+
+
 class Metrics:
-    def __init__(self, *, pull_counts, ollama_up):
-        """``pull_counts()`` → ``{"running", "queued"}``; ``ollama_up()`` → bool (called at scrape time)."""
+    def __init__(self, *, pull_counts, ollama_up, gpu_snapshot=None):
+        """``pull_counts()`` → ``{"running", "queued"}``; ``ollama_up()`` → bool; ``gpu_snapshot()`` →
+        GpuProbe's report (all called at scrape time)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("gpu_bridge_http_requests_total", "HTTP requests by route (URL rule) and status",
                                 ["method", "route", "status"], registry=self.registry)
@@ -24,6 +61,8 @@ class Metrics:
             lambda: pull_counts()["queued"])
         Gauge("gpu_bridge_ollama_up", "1 when Ollama answers, else 0 (probed at scrape time)",
               registry=self.registry).set_function(lambda: 1.0 if ollama_up() else 0.0)
+        if gpu_snapshot is not None:
+            self.registry.register(GpuCollector(gpu_snapshot))
         self.pulls_finished = Counter("gpu_bridge_pulls_finished_total", "Finished pull jobs by final state",
                                       ["state"], registry=self.registry)
         self._finished_ids: OrderedDict[str, None] = OrderedDict()
