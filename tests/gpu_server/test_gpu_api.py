@@ -368,6 +368,19 @@ def test_request_log_is_one_json_line_without_the_token(client, caplog):
     assert TOKEN not in everything and "wrong-token-value" not in everything
 
 
+@pytest.mark.parametrize("log_health_checks", [False, True])
+def test_health_checks_are_counted_but_logged_only_on_request(make_app, ollama, caplog, log_health_checks):
+    client = make_app(ollama.url, GPU_BRIDGE_LOG_HEALTH_CHECKS=str(log_health_checks).lower()).test_client()
+    with caplog.at_level(logging.INFO, logger="gpu_bridge.access"):
+        for _ in range(3):
+            assert client.get("/api/health").status_code == 200
+        client.get("/api/models", headers=AUTH)
+    routes = [json.loads(r.getMessage())["route"] for r in caplog.records if r.name == "gpu_bridge.access"]
+    assert routes == (["/api/health"] * 3 if log_health_checks else []) + ["/api/models"]
+    text = client.get("/metrics", headers=AUTH).get_data(as_text=True)
+    assert 'gpu_bridge_http_requests_total{method="GET",route="/api/health",status="200"} 3.0' in text
+
+
 # --- metrics ------------------------------------------------------------------------------------
 def test_metrics_use_the_url_rule_and_report_ollama_and_pulls(client):
     client.get("/api/jobs/abc", headers=AUTH)

@@ -143,6 +143,7 @@ class GpuServerSettings:
     ollama_models_dir: str | None = None
     min_free_bytes: int = 10 * 1024**3
     metrics_public: bool = False
+    log_health_checks: bool = False
     job_retention_seconds: float = 3600.0
 
     @classmethod
@@ -163,6 +164,7 @@ class GpuServerSettings:
             ollama_models_dir=_get(env, "GPU_BRIDGE_OLLAMA_MODELS_DIR"),
             min_free_bytes=int(env_float(env, "GPU_BRIDGE_MIN_FREE_GB", 10.0) * 1024**3),
             metrics_public=env_bool(env, "GPU_BRIDGE_METRICS_PUBLIC", False),
+            log_health_checks=env_bool(env, "GPU_BRIDGE_LOG_HEALTH_CHECKS", False),
             job_retention_seconds=env_float(env, "GPU_BRIDGE_JOB_RETENTION", 3600.0),
         )
 

@@ -39,6 +39,7 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # Endpoints reachable without a token (metrics only when GPU_BRIDGE_METRICS_PUBLIC=true).
 OPEN_ENDPOINTS = frozenset({"api.health"})
+HEALTH_ROUTE = "/api/health"
 # Health and ready must answer quickly even when Ollama hangs.
 PROBE_READ_TIMEOUT = 5.0
 
@@ -200,6 +201,10 @@ def _install_hooks(app: Flask, state: ServerState) -> None:
             response.headers["WWW-Authenticate"] = 'Bearer realm="gpu-bridge"'
         route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
         state.metrics.observe_request(request.method, route, response.status_code, seconds)
+        if route == HEALTH_ROUTE and response.status_code == 200 and not state.settings.log_health_checks:
+            # Load balancers poll health every few seconds: one log line each would drown the log and
+            # cost a fifth of the endpoint's throughput. /metrics still counts them.
+            return response
         # Never the Authorization header, the token or the query string: method, path and outcome only.
         access_log.info(json.dumps({
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": "request",
