@@ -311,7 +311,8 @@ def _throughput(stack: Stack, env: dict, p: Profile, rounds: int, budget: Budget
                      "rounds": got})
     return {"rows": rows, "duration_s": p.load_seconds,
             "note": f"{p.load_seconds:g} s per run; wrk -t2 shares the {os.cpu_count()} CPUs with the server and the "
-                    "emulator. /api/health probes Ollama at most once a second and, by default, writes no access-log line."}
+                    "emulator. /api/health probes Ollama at most once a second and, by default, writes no "
+                    "access-log line."}
 
 
 def _pulls(env: dict, p: Profile, rounds: int, budget: Budget, sampler: RssSampler) -> dict:
