@@ -149,8 +149,8 @@ class Stack:
         port = free_port()
         argv = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1",
                 "--worker-class", "gthread", "--threads", str(threads), "--timeout", "60",
-                "--graceful-timeout", "30", "--access-logfile", "-", "--error-logfile", "-",
-                "--no-control-socket", app]
+                # No --access-logfile: deployed servers (gpu_bridge.serve) write only our JSON request log.
+                "--graceful-timeout", "30", "--error-logfile", "-", "--no-control-socket", app]
         return self._add(Proc(name, argv, clean_env(**env), self.tmp, port))
 
     def gpu_server(self, name: str, ollama_url: str, *, threads: int = 8, **extra) -> Proc:
