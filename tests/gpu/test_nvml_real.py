@@ -164,15 +164,19 @@ def test_snapshot_after_ttl_queries_nvml_again(nvml_calls, smi):
     assert nvml_calls["nvmlDeviceGetMemoryInfo"] == 2 * len(smi)
 
 
-def test_health_route_reports_the_gpu(gpu_host, module_emulator):
-    app = create_app({"GPU_BRIDGE_API_TOKEN": "gpu-check-token-0123456789",
-                      "GPU_BRIDGE_OLLAMA_URL": module_emulator.url})
+def get_with_smi(ollama_url: str, path: str, **env: str):
+    """GET ``path`` from a fresh GPU server app, then read nvidia-smi: (response, smi rows)."""
+    app = create_app({"GPU_BRIDGE_API_TOKEN": "gpu-check-token-0123456789", "GPU_BRIDGE_OLLAMA_URL": ollama_url,
+                      **env})
     app.testing = True
     try:
-        response = app.test_client().get("/api/health")
-        smi = query_smi()
+        return app.test_client().get(path), query_smi()
     finally:
         app.extensions["gpu_bridge"].close()
+
+
+def test_health_route_reports_the_gpu(gpu_host, module_emulator):
+    response, smi = get_with_smi(module_emulator.url, "/api/health")
     assert response.status_code == 200
     body = response.get_json()
     assert body["status"] == "ok", body
@@ -182,14 +186,7 @@ def test_health_route_reports_the_gpu(gpu_host, module_emulator):
 def test_metrics_route_exports_each_gpu(gpu_host, module_emulator):
     from prometheus_client.parser import text_string_to_metric_families
 
-    app = create_app({"GPU_BRIDGE_API_TOKEN": "gpu-check-token-0123456789",
-                      "GPU_BRIDGE_OLLAMA_URL": module_emulator.url, "GPU_BRIDGE_METRICS_PUBLIC": "true"})
-    app.testing = True
-    try:
-        response = app.test_client().get("/metrics")
-        smi = query_smi()
-    finally:
-        app.extensions["gpu_bridge"].close()
+    response, smi = get_with_smi(module_emulator.url, "/metrics", GPU_BRIDGE_METRICS_PUBLIC="true")
     assert response.status_code == 200
     samples = {(s.name, s.labels.get("gpu")): (s.value, s.labels.get("name"))
                for family in text_string_to_metric_families(response.get_data(as_text=True))
