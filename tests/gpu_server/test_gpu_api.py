@@ -12,6 +12,7 @@ import pytest
 from gpu_bridge.config import GpuServerSettings
 from gpu_bridge.errors import ConfigError
 from gpu_bridge.gpu_server import create_app
+from gpu_bridge.gpu_server.health import TtlCache
 from gpu_server_helpers import AUTH, JOB_KEYS, TOKEN
 from support.procs import emulator_control, free_port, wait_until
 
@@ -447,3 +448,13 @@ def test_metrics_without_nvml_say_no_gpu(client, monkeypatch):
     monkeypatch.setattr(pynvml, "nvmlInit", no_library)
     samples = gpu_samples(client.get("/metrics", headers=AUTH).get_data(as_text=True))
     assert samples == {("gpu_bridge_gpu_available", ()): 0.0}
+
+
+@pytest.mark.parametrize(("ttl", "computed"), [(3600, 1), (0, 3)])
+def test_health_probes_are_cached_for_their_ttl_and_hand_out_copies(ttl, computed):
+    calls = []
+    cache = TtlCache(lambda: calls.append(1) or {"devices": [{"name": "x"}]}, ttl)
+    first = cache.get()
+    first["devices"][0]["name"] = "changed by a caller"
+    assert [cache.get(), cache.get()] == [{"devices": [{"name": "x"}]}] * 2
+    assert len(calls) == computed

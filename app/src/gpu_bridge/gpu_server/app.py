@@ -50,6 +50,10 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                500: "internal_error", 501: "not_implemented"}
 
 
+def probe_read_timeout(settings: GpuServerSettings) -> float:
+    return min(settings.ollama_read_timeout, PROBE_READ_TIMEOUT)
+
+
 @dataclass
 class ServerState:
     """Everything the routes share; one per app (``app.extensions["gpu_bridge"]``)."""
@@ -61,18 +65,11 @@ class ServerState:
     gpu: GpuProbe
     limiter: TokenBucket
     token: bytes | None
-    ollama_probe: OllamaProbe | None = None
+    ollama_probe: OllamaProbe
     started: float = field(default_factory=time.monotonic)
 
     def probe_read_timeout(self) -> float:
-        return min(self.settings.ollama_read_timeout, PROBE_READ_TIMEOUT)
-
-    def ollama_up(self) -> bool:
-        try:
-            self.adapter.version(read_timeout=self.probe_read_timeout())
-        except GpuBridgeError:
-            return False
-        return True
+        return probe_read_timeout(self.settings)
 
     def close(self) -> None:
         self.jobs.shutdown()
@@ -143,15 +140,15 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
                             read_timeout=settings.ollama_read_timeout)
     state_box: dict = {}
     metrics = Metrics(pull_counts=lambda: state_box["state"].jobs.counts(),
-                      ollama_up=lambda: state_box["state"].ollama_up(),
+                      ollama_up=lambda: state_box["state"].ollama_probe.status()["reachable"],
                       gpu_snapshot=lambda: state_box["state"].gpu.snapshot())
     jobs = JobManager(adapter, max_concurrent=settings.max_concurrent_pulls, max_queued=settings.max_queued_pulls,
                       stall_timeout=settings.pull_stall_timeout, retention=settings.job_retention_seconds,
                       on_change=metrics.job_changed)
     state = ServerState(settings=settings, adapter=adapter, jobs=jobs, metrics=metrics, gpu=GpuProbe(),
                         limiter=TokenBucket(settings.rate_limit_per_minute),
-                        token=settings.api_token.encode("utf-8") if settings.api_token else None)
-    state.ollama_probe = OllamaProbe(adapter, state.probe_read_timeout())
+                        token=settings.api_token.encode("utf-8") if settings.api_token else None,
+                        ollama_probe=OllamaProbe(adapter, probe_read_timeout(settings)))
     state_box["state"] = state
     app.extensions[EXTENSION] = state
 

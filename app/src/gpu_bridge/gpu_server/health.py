@@ -21,27 +21,40 @@ def _text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+class TtlCache:
+    """``compute()``'s last value for ``ttl`` seconds, computed by one caller at a time; callers get
+    a deep copy, so nobody can change the cached report."""
+
+    def __init__(self, compute, ttl: float):
+        self.compute, self.ttl = compute, ttl
+        self._lock = threading.Lock()
+        self._value: dict | None = None
+        self._at = 0.0
+
+    def get(self) -> dict:
+        with self._lock:
+            if self._value is None or time.monotonic() - self._at >= self.ttl:
+                self._value = self.compute()
+                self._at = time.monotonic()
+            return copy.deepcopy(self._value)
+
+
 class GpuProbe:
     """NVML, initialised once (a failed init is retried after ``ttl``), results cached for ``ttl`` s."""
 
     def __init__(self, ttl: float = 5.0):
-        self.ttl = ttl
-        self._lock = threading.Lock()
         self._initialised = False
-        self._cached: dict | None = None
-        self._cached_at = 0.0
+        self._cache = TtlCache(self._probe_safely, ttl)
 
     def snapshot(self) -> dict:
-        with self._lock:
-            now = time.monotonic()
-            if self._cached is None or now - self._cached_at >= self.ttl:
-                try:
-                    self._cached = self._probe()
-                except Exception as exc:  # noqa: BLE001 - health must never raise
-                    log.exception("GPU probe failed")
-                    self._cached = {"available": False, "devices": [], "error": f"GPU probe failed: {exc}"}
-                self._cached_at = now
-            return copy.deepcopy(self._cached)
+        return self._cache.get()
+
+    def _probe_safely(self) -> dict:
+        try:
+            return self._probe()
+        except Exception as exc:  # noqa: BLE001 - health must never raise
+            log.exception("GPU probe failed")
+            return {"available": False, "devices": [], "error": f"GPU probe failed: {exc}"}
 
     def _probe(self) -> dict:
         try:
@@ -136,15 +149,7 @@ class OllamaProbe:
     """
 
     def __init__(self, adapter, read_timeout: float, ttl: float = 1.0):
-        self.adapter, self.read_timeout, self.ttl = adapter, read_timeout, ttl
-        self._lock = threading.Lock()
-        self._cached: dict | None = None
-        self._cached_at = 0.0
+        self._cache = TtlCache(lambda: ollama_status(adapter, read_timeout), ttl)
 
     def status(self) -> dict:
-        with self._lock:
-            now = time.monotonic()
-            if self._cached is None or now - self._cached_at >= self.ttl:
-                self._cached = ollama_status(self.adapter, self.read_timeout)
-                self._cached_at = time.monotonic()
-            return dict(self._cached)
+        return self._cache.get()

@@ -59,7 +59,7 @@ class Metrics:
             lambda: pull_counts()["running"])
         Gauge("gpu_bridge_pulls_queued", "Pulls waiting for a slot", registry=self.registry).set_function(
             lambda: pull_counts()["queued"])
-        Gauge("gpu_bridge_ollama_up", "1 when Ollama answers, else 0 (probed at scrape time)",
+        Gauge("gpu_bridge_ollama_up", "1 when Ollama answers, else 0 (health's probe, at most 1 s old)",
               registry=self.registry).set_function(lambda: 1.0 if ollama_up() else 0.0)
         if gpu_snapshot is not None:
             self.registry.register(GpuCollector(gpu_snapshot))
