@@ -6,14 +6,13 @@ fault is detected, and recovered from, within seconds; every wait is a bounded `
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 
 import requests
 
-from support.procs import VENV_BIN, ServerProcess, free_port, wait_until
+from support.procs import QuickStopProcess, start_gunicorn, wait_until
 
 GPU_TOKEN = "fault-gpu-token-4f1c2a9e0b7d"
 GPU_APP = "gpu_bridge.gpu_server:create_app()"
@@ -31,18 +30,12 @@ BACKEND_FAST = {
 }
 
 
-class QuickStop(ServerProcess):
-    """gunicorn stopped with SIGQUIT (no graceful drain): teardown costs no seconds."""
-
-    stop_signal = signal.SIGQUIT
+QuickStop = QuickStopProcess
 
 
 def gunicorn(app: str, env: dict, *, probe: str, name: str, port: int | None = None, threads: int = 8) -> QuickStop:
-    """gunicorn as deployed (one gthread worker process) on 127.0.0.1:<port>."""
-    port = port or free_port()
-    argv = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1", "--worker-class", "gthread",
-            "--threads", str(threads), "--timeout", "60", "--graceful-timeout", "2", "--no-control-socket", app]
-    return QuickStop(argv, port, env=env, probe=probe, name=name).start()
+    """gunicorn as deployed (one gthread worker process) on 127.0.0.1:<port>, stopped with SIGQUIT."""
+    return start_gunicorn(app, env, probe=probe, name=name, port=port, threads=threads, process_class=QuickStop)
 
 
 def start_gpu_server(ollama_url: str, *, port: int | None = None, **extra: str) -> QuickStop:

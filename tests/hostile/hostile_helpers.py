@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from gpu_bridge import names
 from gpu_bridge.config import DEFAULT_ALLOWED_REGISTRIES
 from gpu_bridge.errors import InvalidModelName, RegistryNotAllowed
-from support.procs import VENV_BIN, ServerProcess, free_port
+from support.procs import VENV_BIN, QuickStopProcess, free_port
 
 GPU_TOKEN = "hostile-gpu-token-Zq8mW2xR7tY4"
 ADMIN_TOKEN = "hostile-admin-token-Lp3vN9kE1sA6"
@@ -38,9 +38,7 @@ def backend_config(hosts: str, db_path, *, bind: str = "0.0.0.0:8000", **extra) 
             **{k: str(v) for k, v in extra.items()}}
 
 
-class QuickStop(ServerProcess):
-    stop_signal = signal.SIGQUIT
-
+class QuickStop(QuickStopProcess):
     def graceful_stop(self, timeout: float = 15.0) -> None:
         """SIGTERM and wait: every log line is written before the process exits."""
         if self.proc is None or self.proc.poll() is not None:

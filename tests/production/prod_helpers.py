@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from gpu_bridge.client.base import GpuTransport
 from gpu_bridge.errors import GpuHostUnreachable, JobNotFound
-from support.procs import VENV_BIN, ServerProcess, free_port, wait_until
+from support.procs import VENV_BIN, QuickStopProcess, ServerProcess, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -145,13 +144,6 @@ class FakeFactory:
 
 
 # --- real processes --------------------------------------------------------------------------------------------
-class QuickStopProcess(ServerProcess):
-    """gunicorn's quick shutdown (SIGQUIT to the process group): tests need no graceful drain, and a
-    graceful stop costs ~2 s per process."""
-
-    stop_signal = signal.SIGQUIT
-
-
 class HostServerProcess(QuickStopProcess):
     """A server listening on a given loopback address (support.procs assumes 127.0.0.1)."""
 
