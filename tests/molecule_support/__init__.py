@@ -265,3 +265,10 @@ def setting(host, name: str) -> Any:
         if name in data:
             return data[name]
     raise KeyError(f"{name}: neither in the inventory nor in a role's defaults")
+
+
+def run_as_service_account(host, command: str, *args):
+    """``host.run`` as the service account (runuser), from ``/``: root is "nobody" on a root_squash
+    NFS share, and root's home is closed to the service account (find returns to its start dir)."""
+    user = setting(host, "gpu_bridge_common_user")
+    return host.run(f"cd / && runuser -u {user} -- {command}", *args)

@@ -1,7 +1,7 @@
 """The worker refuses to run on an unmounted share, and the channel recovers once it is back."""
 
 import pytest
-from molecule_support import CONFIG_DIR, SHARE_ROOT, VENV, WORKER_UNIT, listing, poll
+from molecule_support import CONFIG_DIR, SHARE_ROOT, VENV, WORKER_UNIT, listing, poll, run_as_service_account
 
 testinfra_hosts = ["gpu_servers"]
 
@@ -14,8 +14,7 @@ def mounted(host) -> bool:
 
 def heartbeat_ok(prod, name: str) -> bool:
     # As the service account: root is "nobody" on the root_squash share.
-    return prod.run("cd / && runuser -u gpu-bridge -- %s/bin/gpu-bridge nfs-heartbeat --host-id %s --timeout 6",
-                    VENV, name).rc == 0
+    return run_as_service_account(prod, "%s/bin/gpu-bridge nfs-heartbeat --host-id %s --timeout 6", VENV, name).rc == 0
 
 
 @pytest.fixture
