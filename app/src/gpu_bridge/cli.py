@@ -31,13 +31,16 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="backend or GPU server URL (default: $GPU_BRIDGE_URL, else http://127.0.0.1:8000)")
     p.add_argument("--token", help="bearer token (default: from $GPU_BRIDGE_BACKEND_TOKEN(_FILE) or "
                                    "$GPU_BRIDGE_API_TOKEN(_FILE))")
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    # SUPPRESS: when absent here, the value set before the command (``gpu-bridge --json models list``) stays.
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts")
     p.add_argument("--timeout", type=float, default=30.0, help="read timeout in seconds (default 30)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpu-bridge", description="Manage Ollama models on GPU hosts.")
     parser.add_argument("--version", action="version", version=f"gpu-bridge {__version__}")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON for scripts (models, jobs, health; also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("serve-gpu", help="run the GPU HTTP server under gunicorn")

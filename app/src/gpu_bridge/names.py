@@ -41,26 +41,56 @@ class ModelName:
         return self.display
 
 
+_PART_RULES = {  # what -> (pattern, max length, characters allowed)
+    "registry host": (_HOST, 350, "letters, digits and _ . : -"),
+    "namespace": (_NAMESPACE, 80, "letters, digits and _ -"),
+    "model": (_MODEL, 80, "letters, digits and _ . -"),
+    "tag": (_TAG, 80, "letters, digits and _ . -"),
+}
+SHOW_LIMIT = 40
+
+
+def shorten(text: str, limit: int = SHOW_LIMIT, *, with_length: bool = True) -> str:
+    """``text`` quoted and cut to ``limit`` characters (plus its length when cut): names in one-line errors."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}..." + (f" ({len(text)} characters)" if with_length else "")
+
+
+def _part_problem(value: str, what: str, whole: str) -> str | None:
+    pattern, limit, allowed = _PART_RULES[what]
+    if pattern.match(value) and value not in (".", "..") and ".." not in value:
+        return None
+    if len(value) > limit:
+        about = "" if value == whole else f" {shorten(value, with_length=False)}"
+        return f"the {what} part{about} has {len(value)} characters: at most {limit} are allowed"
+    if value in (".", "..") or ".." in value:
+        return f"the {what} part may not be '.' or contain '..'"
+    about = "" if value == whole else f" {shorten(value)}"
+    return f"the {what} part{about} must start with a letter, digit or _ and hold only {allowed}"
+
+
 def parse(name: object) -> ModelName:
-    """Parse and validate; raise ``InvalidModelName`` with a reason otherwise."""
+    """Parse and validate; raise ``InvalidModelName`` with a reason otherwise (the name shown once, shortened)."""
     if not isinstance(name, str) or not name:
         raise InvalidModelName("model name is required (a non-empty string such as 'llama3.2:latest')")
+    shown = shorten(name)
     if len(name) > MAX_NAME_LENGTH:
-        raise InvalidModelName(f"model name is longer than {MAX_NAME_LENGTH} characters")
+        raise InvalidModelName(f"invalid model name {shown}: at most {MAX_NAME_LENGTH} characters are allowed")
     if not name.isascii() or not name.isprintable() or any(c.isspace() for c in name):
-        raise InvalidModelName(f"invalid model name {name!r}: only ASCII letters, digits and _ - . : / are allowed")
+        raise InvalidModelName(f"invalid model name {shown}: only ASCII letters, digits and _ - . : / are allowed")
 
     rest, tag = name, None
     colon, slash = name.rfind(":"), name.rfind("/")
     if colon > slash:
         rest, tag = name[:colon], name[colon + 1:]
         if not tag:
-            raise InvalidModelName(f"invalid model name {name!r}: empty tag after ':'")
+            raise InvalidModelName(f"invalid model name {shown}: empty tag after ':'")
     parts = rest.split("/")
     if any(p == "" for p in parts):
-        raise InvalidModelName(f"invalid model name {name!r}: empty part between '/'")
+        raise InvalidModelName(f"invalid model name {shown}: empty part between '/'")
     if len(parts) > 3:
-        raise InvalidModelName(f"invalid model name {name!r}: at most host/namespace/model:tag")
+        raise InvalidModelName(f"invalid model name {shown}: at most host/namespace/model:tag")
     if len(parts) == 3:
         host, namespace, model = parts
     elif len(parts) == 2:
@@ -68,10 +98,11 @@ def parse(name: object) -> ModelName:
     else:
         host, namespace, model = DEFAULT_HOST, DEFAULT_NAMESPACE, parts[0]
 
-    for value, pattern, what in ((host, _HOST, "registry host"), (namespace, _NAMESPACE, "namespace"),
-                                 (model, _MODEL, "model"), (tag or DEFAULT_TAG, _TAG, "tag")):
-        if not pattern.match(value) or value in (".", "..") or ".." in value:
-            raise InvalidModelName(f"invalid model name {name!r}: bad {what} {value!r}")
+    for value, what in ((host, "registry host"), (namespace, "namespace"), (model, "model"),
+                        (tag or DEFAULT_TAG, "tag")):
+        problem = _part_problem(value, what, name)
+        if problem:
+            raise InvalidModelName(f"invalid model name {shown}: {problem}")
     display = name if tag is not None else f"{name}:{DEFAULT_TAG}"
     return ModelName(host=host, namespace=namespace, model=model, tag=tag or DEFAULT_TAG, display=display)
 
