@@ -50,10 +50,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import secrets
 import signal
 import socket
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,13 +80,16 @@ HOUSEKEEPING_INTERVAL = 30.0
 POOL_THREADS = 4
 INLINE_OPS = frozenset({"ping", "job", "cancel"})  # in-memory answers: served by the main loop itself
 MAX_ID_LENGTH = 200
+SKEW_WARN_EVERY = 300.0  # seconds between two warnings about the same clock disagreement
 
 
 class NfsWorker:
     """The worker for one host id. ``run()`` blocks until ``stop()`` (or a signal) and returns the exit code."""
 
-    def __init__(self, nfs: NfsSettings, server: GpuServerSettings | None = None, *, adapter=None, jobs=None):
+    def __init__(self, nfs: NfsSettings, server: GpuServerSettings | None = None, *, adapter=None, jobs=None,
+                 wall=time.time):
         self.nfs = nfs
+        self._wall = wall  # the clock deadlines are judged by (tests give it an offset)
         self.server = server or GpuServerSettings()
         self.paths = spool.HostPaths(nfs.root, spool.check_host_id(nfs.host_id))
         self.boot = secrets.token_hex(6)
@@ -118,6 +123,8 @@ class NfsWorker:
         self._served = 0
         self._audit_fd: int | None = None
         self._audit_lock = threading.Lock()
+        self._share_skew: float | None = None  # share (NFS server) clock minus ours, from the heartbeat's mtime
+        self._skew_warned: dict[str, float] = {}
         self.exit_code = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -171,7 +178,7 @@ class NfsWorker:
 
     def _previous_counter(self) -> int:
         try:
-            doc = spool.read_json(self.paths.heartbeat)
+            doc = spool.read_json(self.paths.heartbeat, nofollow=True, max_depth=spool.MAX_JSON_DEPTH)
         except (ChannelError, OSError):
             return 0
         value = (doc or {}).get("counter")
@@ -244,7 +251,61 @@ class NfsWorker:
                "started_at": self.started_at, "written_at": time.time(), "state": state,
                "uptime_seconds": round(time.monotonic() - self._started_mono, 1), "version": __version__,
                "served": self._served, "pulls": self._jobs.counts() if self._jobs is not None else {}}
+        before = self._wall()
         spool.write_json(self.paths.status_tmp, self.paths.heartbeat, doc)
+        self._measure_share_clock(before, self._wall())
+
+    # --- clocks ----------------------------------------------------------------------------------
+    def _measure_share_clock(self, before: float, after: float) -> None:
+        """Compare our clock with the share's: the heartbeat we just wrote carries the NFS server's
+        mtime. Deadlines are absolute times, so a worker clock ahead of everyone else's expires every
+        command; this is where that becomes a warning instead of a mystery."""
+        if after - before > 1.0:
+            return  # a slow write says nothing precise about the clocks
+        try:
+            mtime = os.stat(self.paths.heartbeat).st_mtime
+        except OSError:
+            return
+        skew = mtime - (before + after) / 2
+        self._share_skew = skew
+        if abs(skew) > spool.CLOCK_SKEW_WARN:
+            self._warn_skew("share", f"this worker's clock is {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} "
+                                     f"the share's (the NFS server's clock, read from {self.paths.heartbeat}'s mtime): "
+                                     "command deadlines are judged by this clock; check NTP (chrony or "
+                                     "systemd-timesyncd) on this host, the NFS server and the production hosts")
+        elif self._skew_warned.pop("share", None) is not None:
+            log.info("this worker's clock agrees with the share's again (%.1f s apart)", skew)
+
+    def _warn_skew(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        last = self._skew_warned.get(key)
+        if last is None or now - last >= SKEW_WARN_EVERY:
+            self._skew_warned[key] = now
+            log.warning("clock skew: %s", message)
+
+    def _clock_hints(self, command: dict, mtime: float | None, now: float) -> list[str]:
+        """What looks wrong with the clocks, judging by this command; warns (rate-limited) as well."""
+        hints = []
+        if self._share_skew is not None and abs(self._share_skew) > spool.CLOCK_SKEW_WARN:
+            hints.append(f"this worker's clock is {abs(self._share_skew):.0f} s "
+                         f"{'behind' if self._share_skew > 0 else 'ahead of'} the share's")
+        created = command.get("created_at")
+        if not _finite_number(created):
+            return hints
+        sender = command.get("sender") if isinstance(command.get("sender"), str) else "?"
+        if created - now > spool.CLOCK_SKEW_WARN:
+            hints.append(f"it was created {created - now:.0f} s in the future of this worker's clock")
+            self._warn_skew(f"future:{sender}", f"commands from {sender[:100]!r} are created {created - now:.0f} s "
+                                                "in the future of this worker's clock; check NTP on both hosts")
+        elif mtime is not None and abs(created - mtime) > spool.CLOCK_SKEW_WARN:
+            delta = created - mtime
+            hints.append(f"its sender's clock is {abs(delta):.0f} s {'ahead of' if delta > 0 else 'behind'} the "
+                         "share's (created_at versus the file's mtime)")
+            self._warn_skew(f"sender:{sender}", f"the clock of {sender[:100]!r} is {abs(delta):.0f} s "
+                                                f"{'ahead of' if delta > 0 else 'behind'} the share's (its commands' "
+                                                "created_at versus their files' mtime, set by the NFS server); "
+                                                "check NTP on that host")
+        return hints
 
     def _refresh_quiet(self, probe: bool = False) -> None:
         try:
@@ -297,6 +358,8 @@ class NfsWorker:
                 removed += spool.unlink_quiet(path)
         for path in spool.iter_old_entries(self.paths.answers, self.nfs.answer_retention):
             removed += spool.unlink_quiet(path)
+        for path in spool.iter_old_entries(self.paths.cmd_bad, self.nfs.answer_retention, any_type=True):
+            removed += spool.unlink_quiet(path)  # quarantined directories stay for the operator
         for path in spool.iter_old_entries(self.paths.jobs, self.nfs.answer_retention):
             cmd_id = os.path.basename(path)[:-5]
             with self._lock:
@@ -307,96 +370,185 @@ class NfsWorker:
             log.info("housekeeping removed %d old files", removed)
 
     # --- the inbox -------------------------------------------------------------------------------
+    # Every entry is hostile until proven otherwise: anyone who can write to the share can put a
+    # directory, a FIFO, a symlink, a 5,000-deep JSON file or a name with a newline into new/. Such an
+    # entry is moved to bad/ with a reason (and answered when its name is a usable request id); one
+    # bad entry never stops the worker or the commands behind it.
     def _serve_inbox(self) -> int:
         served = 0
         for name in spool.list_names(self.paths.cmd_new):
             if self._stop.is_set():
                 break
-            rid = name[:-5] if name.endswith(".json") else name
-            src = os.path.join(self.paths.cmd_new, name)
-            dst = self.paths.cur_path(rid)
             try:
-                claimed = spool.claim(src, dst)
-            except OSError as exc:
-                if name not in self._unclaimable:
-                    self._unclaimable.add(name)
-                    log.error("cannot claim %s: %s (check the spool's ownership and permissions)", src, exc)
-                continue
-            if not claimed:
-                continue
-            served += 1
-            self._dispatch(rid, recovered=False)
+                served += self._take(name)
+            except Exception:  # noqa: BLE001 - one entry must never stop the worker
+                log.exception("unexpected error while taking inbox entry %r; moving it aside", name)
+                self._refuse(os.path.join(self.paths.cmd_new, name), _rid_of(name), "worker error while reading it")
         return served
 
+    def _take(self, name: str) -> int:
+        """Claim one inbox entry and serve it; 1 when something was taken out of new/."""
+        src = os.path.join(self.paths.cmd_new, name)
+        rid = _rid_of(name)
+        if rid is None:
+            return self._refuse(src, None, "its name is not <request id>.json")
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            return 0  # withdrawn by its producer
+        except OSError as exc:
+            return self._unclaimable_once(name, src, exc)
+        if not stat.S_ISREG(st.st_mode):
+            return self._refuse(src, rid, f"it is {spool.file_kind(st.st_mode)}, not a regular file")
+        try:
+            claimed = spool.claim(src, self.paths.cur_path(rid))
+        except OSError as exc:
+            return self._unclaimable_once(name, src, exc)
+        if not claimed:
+            return 0
+        self._dispatch(rid, recovered=False)
+        return 1
+
+    def _unclaimable_once(self, name: str, src: str, exc: OSError) -> int:
+        if name not in self._unclaimable:
+            self._unclaimable.add(name)
+            log.error("cannot claim %r: %s (check the spool's ownership and permissions)", src, exc.strerror or exc)
+        return 0
+
+    def _refuse(self, path: str, rid: str | None, reason: str) -> int:
+        """Quarantine ``path`` (new/ or cur/) into bad/ and, when ``rid`` is usable, answer it. 1 when moved."""
+        name = os.path.basename(path)
+        try:
+            target = spool.quarantine(self.paths, path, reason)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            if name not in self._unclaimable:
+                self._unclaimable.add(name)
+                log.error("cannot move refused entry %r to %s: %s; it stays where it is", path, self.paths.cmd_bad,
+                          exc.strerror or exc)
+            return 0
+        log.warning("refused spool entry %r: %s; moved to %s%s", path, reason, target,
+                    "" if rid else " (not answered: its name is not a request id)")
+        if rid is not None:
+            self._audit(rid, None, "refused", False, reason=reason)
+            self._answer(rid, {"id": rid, "op": None},
+                         error=InvalidRequest(f"command {rid} refused by {self.paths.host_id}: {reason}; "
+                                              f"moved to {spool.QUARANTINE_DIR}/, not executed"))
+        return 1
+
     def _recover(self) -> None:
-        """Resume unfinished pulls, then serve what a previous run claimed but did not answer."""
+        """Resume unfinished pulls, then serve what a previous run claimed but did not answer.
+
+        A progress file is as hostile as an inbox entry (anyone can write jobs/): a resumed pull is
+        validated exactly like a new one (name grammar, registry allow-list, free-space rule)."""
         for name in spool.list_names(self.paths.jobs):
-            if not name.endswith(".json"):
-                continue
-            cmd_id = name[:-5]
             try:
-                doc = spool.read_json(os.path.join(self.paths.jobs, name))
-            except (ChannelError, OSError):
-                continue
-            job = (doc or {}).get("job") or {}
-            if job.get("state") in spool.TERMINAL_STATES or not isinstance(job.get("model"), str):
-                continue
-            log.info("resuming pull %s of %s interrupted by a restart", cmd_id, job["model"])
-            try:
-                self._submit_pull(cmd_id, job["model"], previous=job)
-            except GpuBridgeError as exc:
-                self._write_progress(cmd_id, {**job, "state": "failed", "error": exc.message,
-                                              "error_code": exc.code, "finished_at": _iso_now(),
-                                              "updated_at": _iso_now()}, terminal=True)
+                self._resume_pull(name)
+            except Exception:  # noqa: BLE001 - one progress file must never stop the worker
+                log.exception("unexpected error while resuming progress file %r; skipped", name)
         for name in spool.list_names(self.paths.cmd_cur):
-            rid = name[:-5] if name.endswith(".json") else name
-            if spool.openable(self.paths.answer_path(rid)):
-                spool.unlink_quiet(self.paths.cur_path(rid))  # answered before the crash: never answer twice
-                continue
-            log.info("re-serving command %s claimed by a previous run", rid)
-            self._dispatch(rid, recovered=True)
+            if self._stop.is_set():
+                break
+            try:
+                rid = _rid_of(name)
+                if rid is None:
+                    self._refuse(os.path.join(self.paths.cmd_cur, name), None, "its name is not <request id>.json")
+                    continue
+                if spool.openable(self.paths.answer_path(rid)):
+                    self._drop_cur(rid)  # answered before the crash: never answer twice
+                    continue
+                log.info("re-serving command %s claimed by a previous run", rid)
+                self._dispatch(rid, recovered=True)
+            except Exception:  # noqa: BLE001 - one entry must never stop the worker
+                log.exception("unexpected error while re-serving %r; moving it aside", name)
+                self._refuse(os.path.join(self.paths.cmd_cur, name), _rid_of(name), "worker error while reading it")
+
+    def _drop_cur(self, rid: str) -> None:
+        cur = self.paths.cur_path(rid)
+        if not spool.unlink_quiet(cur) and os.path.lexists(cur):  # e.g. a directory: unlink cannot remove it
+            self._refuse(cur, None, "answered already, and not a regular file")
+
+    def _resume_pull(self, name: str) -> None:
+        cmd_id = _rid_of(name)
+        if cmd_id is None:
+            log.warning("ignoring progress file %r: its name is not <request id>.json", name)
+            return
+        try:
+            doc = spool.read_json(self.paths.job_path(cmd_id), nofollow=True, max_depth=spool.MAX_JSON_DEPTH)
+        except (ChannelError, OSError) as exc:
+            log.warning("ignoring progress file %r: %s", name, getattr(exc, "message", None) or exc)
+            return
+        job = (doc or {}).get("job")
+        if not isinstance(job, dict) or job.get("state") in spool.TERMINAL_STATES:
+            return
+        model = job.get("model")
+        if not isinstance(model, str):
+            return
+        log.info("resuming pull %s of %r interrupted by a restart", cmd_id, model[:300])
+        try:
+            self._start_pull(cmd_id, model, previous=job)
+        except GpuBridgeError as exc:
+            log.warning("not resuming pull %s: %s: %s", cmd_id, exc.code, exc.message)
+            now = _iso_now()
+            self._write_progress(cmd_id, {**job, "id": cmd_id, "state": "failed", "error": exc.message,
+                                          "error_code": exc.code, "finished_at": now, "updated_at": now},
+                                 terminal=True)
 
     def _dispatch(self, rid: str, *, recovered: bool) -> None:
         cur = self.paths.cur_path(rid)
-        if rid.startswith(".") or len(rid) > MAX_ID_LENGTH:
-            log.warning("dropping %s: not a usable request id", cur)
-            spool.unlink_quiet(cur)
-            return
         try:
-            data = spool.read_bytes(cur, spool.MAX_COMMAND_BYTES)
-            if data is None:
+            got = spool.read_bytes_stat(cur, spool.MAX_COMMAND_BYTES, nofollow=True)
+            if got is None:
                 return
-            command = json.loads(data)
-            if not isinstance(command, dict):
-                raise ValueError("not an object")
-        except (ChannelError, ValueError, UnicodeDecodeError) as exc:
-            self._answer(rid, {"id": rid, "op": None}, error=InvalidRequest(f"unreadable command {rid}: {exc}"))
+            data, st = got
+            command = spool.parse_json(data, f"command {rid}", max_depth=spool.MAX_JSON_DEPTH)
+        except spool.UnsafeEntry as exc:
+            self._refuse(cur, rid, exc.message.replace(repr(cur), "it"))
+            return
+        except ChannelError as exc:
+            self._refuse(cur, rid, f"unreadable command ({exc.message.replace(repr(cur), 'the file')})")
             return
         command["id"] = rid  # the file name is authoritative: it is what the producer waits for
         op = command.get("op")
-        deadline = command.get("deadline")
         if op not in spool.OPS:
-            self._answer(rid, command, error=InvalidRequest(f"unknown command {op!r}; known: {', '.join(spool.OPS)}"))
+            self._answer(rid, command, error=InvalidRequest(
+                f"unknown command {str(op)[:100]!r}; known: {', '.join(spool.OPS)}"))
             return
-        if not isinstance(deadline, int | float):
-            self._answer(rid, command, error=InvalidRequest("command without a numeric 'deadline'"))
+        now = self._wall()
+        deadline = command.get("deadline")
+        problem = _deadline_problem(deadline, now)
+        if problem:
+            log.warning("refusing command %s %s: %s", op, rid, problem)
+            self._answer(rid, command, error=InvalidRequest(f"command {op} {rid}: {problem}; not executed"))
             return
-        late = time.time() - deadline
+        hints = self._clock_hints(command, st.st_mtime, now)
+        late = now - deadline
         if late > 0:
             self._audit(rid, op, "expired", recovered)
             self._answer(rid, command, error=CommandExpired(
-                f"command {op} {rid} expired {late:.1f} s before {self.paths.host_id} picked it up; not executed"))
+                f"command {op} {rid} expired {late:.1f} s before {self.paths.host_id} picked it up; not executed"
+                + _hint_text(hints)))
             return
         if op in INLINE_OPS:
             self._execute(rid, command, recovered)
         else:
-            self._inflight[rid] = self._pool.submit(self._execute, rid, command, recovered)
+            self._inflight[rid] = self._pool.submit(self._execute, rid, command, recovered, time.monotonic())
             for done in [k for k, f in self._inflight.items() if f.done()]:
                 del self._inflight[done]
 
-    def _execute(self, rid: str, command: dict, recovered: bool) -> None:
+    def _execute(self, rid: str, command: dict, recovered: bool, queued_at: float | None = None) -> None:
         op = command["op"]
         args = command.get("args") if isinstance(command.get("args"), dict) else {}
+        late = self._wall() - command["deadline"]
+        if late > 0:  # it waited in the pool past its deadline: its producer has given up on it
+            waited = f" after waiting {time.monotonic() - queued_at:.1f} s for a free worker thread" \
+                if queued_at is not None else ""
+            self._audit(rid, op, "expired", recovered)
+            self._answer(rid, command, error=CommandExpired(
+                f"command {op} {rid} expired {late:.1f} s before {self.paths.host_id} could start it{waited}; "
+                "not executed" + _hint_text(self._clock_hints(command, None, self._wall()))))
+            return
         started = time.monotonic()
         self._audit(rid, op, "exec", recovered)
         result = error = None
@@ -484,9 +636,14 @@ class NfsWorker:
         return {"deleted": model}
 
     def _op_pull(self, rid: str, args: dict, recovered: bool) -> dict:
-        model = names.validate(args.get("model"), self.server.allowed_registries).display
+        return self._start_pull(rid, args.get("model"))
+
+    def _start_pull(self, cmd_id: str, model: object, previous: dict | None = None) -> dict:
+        """The one way into a pull, for a new command and for a resumed progress file alike: the
+        model-name grammar, the registry allow-list and the free-space rule, then the job manager."""
+        name = names.validate(model, self.server.allowed_registries).display
         check_free_space(self.server.ollama_models_dir, self.server.min_free_bytes, f" on {self.paths.host_id}")
-        return self._submit_pull(rid, model)
+        return self._submit_pull(cmd_id, name, previous)
 
     def _op_job(self, rid: str, args: dict, recovered: bool) -> dict:
         job_id = _job_id(args)
@@ -634,11 +791,40 @@ class NfsWorker:
 
     def _read_progress(self, job_id: str) -> dict | None:
         try:
-            doc = spool.read_json(self.paths.job_path(job_id))
+            doc = spool.read_json(self.paths.job_path(job_id), nofollow=True, max_depth=spool.MAX_JSON_DEPTH)
         except (ChannelError, OSError):
             return None
         job = (doc or {}).get("job")
         return job if isinstance(job, dict) else None
+
+
+def _rid_of(name: str) -> str | None:
+    """The request id of an inbox name ``<request id>.json``; None when the name is anything else."""
+    if not name.endswith(".json"):
+        return None
+    rid = name[:-5]
+    return rid if len(rid) <= MAX_ID_LENGTH and spool.valid_request_id(rid) else None
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _deadline_problem(deadline: object, now: float) -> str | None:
+    """Why a command's deadline is unusable (None: it is a sane absolute time)."""
+    if not isinstance(deadline, int | float) or isinstance(deadline, bool):
+        return "command without a numeric 'deadline'"
+    if not math.isfinite(deadline):
+        return f"its deadline {deadline!r} is not a finite number"
+    ahead = deadline - now
+    if ahead > spool.MAX_DEADLINE_AHEAD:
+        return (f"its deadline is {ahead:.3g} s ahead of this worker's clock; at most "
+                f"{spool.MAX_DEADLINE_AHEAD:g} s are accepted (GPU_BRIDGE_NFS_COMMAND_TIMEOUT is far lower)")
+    return None
+
+
+def _hint_text(hints: list[str]) -> str:
+    return f" (the clocks look skewed: {'; '.join(hints)}; check NTP)" if hints else ""
 
 
 def _job_id(args: dict) -> str:

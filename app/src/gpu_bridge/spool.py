@@ -58,6 +58,8 @@ Layout (under ``GPU_BRIDGE_NFS_ROOT``, default ``/mnt/shared``)
         tmp/  .<request id>.<rand>.tmp  producers' temp files (dot names: readers skip them)
         new/  <request id>.json         published commands (rename tmp -> new is the publish)
         cur/  <request id>.json         claimed by the worker (rename new -> cur); removed once answered
+        bad/  <time ns>.<name>[.reason.json]  entries the worker refused (not a regular file, a symlink,
+                                        a name that is not a request id, too large, too deep, not JSON)
     gpu_status/                         02770, nfs-init
       <host_id>/
         tmp/  .<...>.tmp                the worker's temp files
@@ -139,6 +141,10 @@ DIR_MODE = 0o2770  # setgid: files inherit the share's group (same GID on every 
 FILE_MODE = 0o660  # before umask; the units run with UMask=0007
 MAX_FILE_BYTES = 4 * 1024 * 1024  # a models.json with many models stays far below this
 MAX_COMMAND_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32  # commands and progress files nest 3-4 levels; Python's own limit is ~1000 (RecursionError)
+MAX_DEADLINE_AHEAD = 3600.0  # seconds: a command whose deadline is further ahead is refused (1e300, +1 year)
+CLOCK_SKEW_WARN = 5.0  # seconds of disagreement between two clocks before the worker warns
+QUARANTINE_DIR = "bad"
 STALE_TEMP_SECONDS = 600.0  # temp files older than this are debris of a crashed writer
 DEAD_AFTER_BEATS = 3  # heartbeat counter unchanged for this many intervals: the worker is down
 CLOCK_SKEW_ALLOWANCE = 2.0  # seconds, only for the provisional mtime hint of a fresh reader
@@ -205,6 +211,10 @@ class HostPaths:
         return os.path.join(self.commands, "cur")
 
     @property
+    def cmd_bad(self) -> str:
+        return os.path.join(self.commands, QUARANTINE_DIR)
+
+    @property
     def status(self) -> str:
         return os.path.join(self.root, STATUS_DIR, self.host_id)
 
@@ -241,7 +251,7 @@ class HostPaths:
         return os.path.join(self.jobs, job_id + ".json")
 
     def worker_dirs(self) -> tuple[str, ...]:
-        return (self.commands, self.cmd_tmp, self.cmd_new, self.cmd_cur,
+        return (self.commands, self.cmd_tmp, self.cmd_new, self.cmd_cur, self.cmd_bad,
                 self.status, self.status_tmp, self.answers, self.jobs)
 
 
@@ -305,48 +315,114 @@ def write_json(tmp_dir: str, path: str, doc: dict) -> None:
     write_atomic(tmp_dir, path, json.dumps(doc, separators=(",", ":"), sort_keys=True).encode())
 
 
-def read_bytes(path: str, limit: int = MAX_FILE_BYTES) -> bytes | None:
-    """The file's bytes, or None when it does not exist. Opens (never stats) the name."""
+class UnsafeEntry(errors.ChannelError):
+    """A spool name that is not a regular file (a symlink, directory, FIFO, device...): never read."""
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISLNK, "a symbolic link"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(mode: int) -> str:
+    """``"a regular file"``, ``"a FIFO"``, ...: for messages."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_bytes_stat(path: str, limit: int = MAX_FILE_BYTES, *,
+                    nofollow: bool = False) -> tuple[bytes, os.stat_result] | None:
+    """The file's bytes and its fstat, or None when it does not exist. Opens (never stats) the name.
+
+    Opened with ``O_NONBLOCK`` (a FIFO cannot block the reader) and, with ``nofollow``, ``O_NOFOLLOW``
+    (a symlink is refused, not followed); then ``fstat`` on the open descriptor must say regular file
+    (UnsafeEntry otherwise) no larger than ``limit`` (ChannelError).
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_NOFOLLOW if nofollow else 0)
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         return None
-    if len(data) > limit:
-        raise errors.ChannelError(f"{path} is larger than {limit} bytes")
-    return data
+    except OSError as exc:
+        if nofollow and exc.errno == errno.ELOOP:
+            raise UnsafeEntry(f"{path!r} is a symbolic link: refused") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeEntry(f"{path!r} is {file_kind(st.st_mode)}, not a regular file: refused")
+        if st.st_size > limit:
+            raise errors.ChannelError(f"{path!r} is larger than {limit} bytes")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise errors.ChannelError(f"{path!r} is larger than {limit} bytes")
+    return b"".join(chunks), st
 
 
-def read_json(path: str, limit: int = MAX_FILE_BYTES) -> dict | None:
-    """Parsed JSON object, or None when the file does not exist; ChannelError when it is not JSON."""
-    data = read_bytes(path, limit)
-    if data is None:
-        return None
+def read_bytes(path: str, limit: int = MAX_FILE_BYTES, *, nofollow: bool = False) -> bytes | None:
+    """The file's bytes, or None when it does not exist (see ``read_bytes_stat``)."""
+    got = read_bytes_stat(path, limit, nofollow=nofollow)
+    return None if got is None else got[0]
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def parse_json(data: bytes, name: str, *, max_depth: int | None = MAX_JSON_DEPTH) -> dict:
+    """A JSON object from ``data`` (ChannelError when it is not one, nests deeper than ``max_depth``,
+    or is too deep for Python's parser)."""
+    if max_depth is not None and _max_nesting(data, max_depth) > max_depth:
+        raise errors.ChannelError(f"{name} nests deeper than {max_depth} levels")
     try:
         doc = json.loads(data)
+    except RecursionError:
+        raise errors.ChannelError(f"{name} nests too deep to parse") from None
     except (UnicodeDecodeError, ValueError):
-        raise errors.ChannelError(f"{path} is not valid JSON") from None
+        raise errors.ChannelError(f"{name} is not valid JSON") from None
     if not isinstance(doc, dict):
-        raise errors.ChannelError(f"{path} does not hold a JSON object")
+        raise errors.ChannelError(f"{name} does not hold a JSON object")
     return doc
+
+
+def _max_nesting(data: bytes, limit: int) -> int:
+    depth = best = 0
+    for byte in _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+        if byte in (0x5B, 0x7B):
+            depth += 1
+            best = max(best, depth)
+            if best > limit:
+                break
+        else:
+            depth -= 1
+    return best
+
+
+def read_json(path: str, limit: int = MAX_FILE_BYTES, *, nofollow: bool = False,
+              max_depth: int | None = None) -> dict | None:
+    """Parsed JSON object, or None when the file does not exist; ChannelError when it is not JSON
+    (UnsafeEntry when the name is not a regular file)."""
+    data = read_bytes(path, limit, nofollow=nofollow)
+    if data is None:
+        return None
+    return parse_json(data, repr(path), max_depth=max_depth)
 
 
 def read_json_with_mtime(path: str) -> tuple[dict, float] | None:
     """Like ``read_json`` plus the file's mtime, taken with fstat on the open file (fresh on NFS)."""
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed below; fstat needs the open descriptor
-    except FileNotFoundError:
+    got = read_bytes_stat(path, MAX_FILE_BYTES)
+    if got is None:
         return None
-    with fh:
-        mtime = os.fstat(fh.fileno()).st_mtime
-        data = fh.read(MAX_FILE_BYTES + 1)
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
-        raise errors.ChannelError(f"{path} is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise errors.ChannelError(f"{path} does not hold a JSON object")
-    return doc, mtime
+    data, st = got
+    return parse_json(data, repr(path), max_depth=None), st.st_mtime
 
 
 def list_names(directory: str) -> list[str]:
@@ -373,6 +449,34 @@ def claim(src: str, dst: str) -> bool:
         return openable(dst) and not openable(src)
 
 
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def quarantine(paths: HostPaths, src: str, reason: str, *, now: float | None = None) -> str:
+    """Move a refused inbox entry (any type: file, directory, FIFO, symlink) into ``bad/`` without
+    opening or following it, next to ``<name>.reason.json`` saying why. Returns the new path.
+
+    The new name is ``<time ns>.<name with unsafe characters replaced>``: unique, and printable
+    whatever the original name held (the reason file keeps the original as written by ``repr``).
+    OSError when the rename fails (e.g. permissions): the caller logs and leaves the entry.
+    """
+    original = os.path.basename(src)
+    safe = _UNSAFE_NAME_CHARS.sub("_", original)[:100].lstrip(".") or "_"
+    target = os.path.join(paths.cmd_bad, f"{time.time_ns():019d}.{safe}")
+    try:
+        os.rename(src, target)
+    except OSError:
+        if os.path.lexists(src) or not os.path.lexists(target):  # not a retransmitted rename that happened
+            raise
+    doc = {"v": PROTOCOL_VERSION, "name": repr(original), "from": os.path.basename(os.path.dirname(src)),
+           "reason": reason, "quarantined_at": time.time() if now is None else now}
+    try:
+        write_json(paths.cmd_tmp, target + ".reason.json", doc)
+    except OSError:
+        pass  # the entry is out of the inbox; the log line says why
+    return target
+
+
 def _unlink_quiet(path: str) -> bool:
     try:
         os.unlink(path)
@@ -387,9 +491,11 @@ def unlink_quiet(path: str) -> bool:
     return _unlink_quiet(path)
 
 
-def iter_old_entries(directory: str, older_than: float, *, dot_only: bool = False) -> Iterator[str]:
+def iter_old_entries(directory: str, older_than: float, *, dot_only: bool = False,
+                     any_type: bool = False) -> Iterator[str]:
     """Paths in ``directory`` whose mtime is older than ``older_than`` seconds (housekeeping only:
-    a slightly stale attribute merely delays a cleanup)."""
+    a slightly stale attribute merely delays a cleanup). Regular files only; with ``any_type``
+    everything but directories (symlinks, FIFOs: quarantined entries)."""
     cutoff = time.time() - older_than
     try:
         with os.scandir(directory) as it:
@@ -402,7 +508,8 @@ def iter_old_entries(directory: str, older_than: float, *, dot_only: bool = Fals
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+                wanted = not stat.S_ISDIR(st.st_mode) if any_type else stat.S_ISREG(st.st_mode)
+                if wanted and st.st_mtime < cutoff:
                     yield entry.path
     except FileNotFoundError:
         return
