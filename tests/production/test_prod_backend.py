@@ -198,10 +198,12 @@ def test_bad_input_is_400_json(made, path, payload, code):
     assert all(not t.calls for t in fakes.made.values())
 
 
-def test_form_encoded_body_is_accepted(made):
+def test_form_encoded_body_is_refused_json_only(made):
+    # A browser may send a form to any site without asking (no CORS preflight): JSON only.
     client, _, _ = made
     r = client.post("/config/pull-model", data={"model": "tinyllama", "hosts": "10.0.0.1"})
-    assert r.status_code == 202 and list(r.get_json()["results"]) == [A]
+    assert r.status_code == 415 and r.get_json()["code"] == "unsupported_media_type"
+    assert "Content-Type: application/json" in r.get_json()["error"]
 
 
 def test_oversized_body_is_413_json(made):

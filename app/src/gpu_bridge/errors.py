@@ -52,6 +52,16 @@ class Unauthorized(GpuBridgeError):
     code = "unauthorized"
 
 
+class Forbidden(GpuBridgeError):
+    status = 403
+    code = "forbidden"
+
+
+class UnsupportedMediaType(GpuBridgeError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class NotFound(GpuBridgeError):
     status = 404
     code = "not_found"

@@ -28,6 +28,7 @@ from ..client.fleet import GpuFleet
 from ..client.http import current_request_id
 from ..config import BackendSettings
 from ..errors import ConfigError, GpuBridgeError, RateLimited, Unauthorized
+from ..request_guard import is_loopback_peer
 from .db import Database
 
 log = logging.getLogger("gpu_bridge.backend")
@@ -191,14 +192,25 @@ def create_app(config: BackendSettings | Mapping[str, str] | None = None, *, tra
     return app
 
 
+def auth_required(state: BackendState) -> bool:
+    """Whether this request needs the admin token: when the backend listens beyond loopback, and
+    whenever the TCP peer is not this machine, whatever GPU_BRIDGE_BACKEND_BIND says (gunicorn's
+    --bind or GUNICORN_CMD_ARGS can bind elsewhere than the setting)."""
+    return state.auth_required or not is_loopback_peer(request)
+
+
 def require_admin(state: BackendState) -> None:
-    """State-changing routes: when the backend is reachable beyond loopback, an admin token is required."""
-    if not state.auth_required:
+    """State-changing routes: when the request may come from beyond loopback, an admin token is required."""
+    if not auth_required(state):
         return
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
     expected = (state.settings.admin_token or "").encode("utf-8")
-    if scheme.lower() != "bearer" or not presented or not expected or not hmac.compare_digest(
+    if not expected:
+        raise Unauthorized(f"this request comes from {request.remote_addr}, beyond this machine, and the backend "
+                           "has no admin token: set GPU_BRIDGE_BACKEND_TOKEN_FILE on the backend, or call it on "
+                           "loopback")
+    if scheme.lower() != "bearer" or not presented or not hmac.compare_digest(
             presented.strip().encode("utf-8", "surrogateescape"), expected):
         raise Unauthorized("admin token required: send 'Authorization: Bearer <token>' with the backend's "
                            "GPU_BRIDGE_BACKEND_TOKEN")

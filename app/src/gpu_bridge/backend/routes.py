@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -12,8 +11,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .. import __version__, names
 from ..client.fleet import merge_models, summarize, utc_now_iso
-from ..errors import GpuBridgeError, InvalidRequest, NotFound, PayloadTooLarge
-from .app import EXTENSION, BackendState, require_admin
+from ..errors import GpuBridgeError, InvalidRequest, NotFound
+from ..request_guard import json_object, read_body, refuse_browser_requests
+from .app import EXTENSION, BackendState, auth_required, require_admin
 from .db import DatabaseUnavailable, iso
 from .openapi import openapi_document
 
@@ -35,21 +35,11 @@ def _db_failed(what: str, exc: Exception) -> None:
 
 # --- request bodies -------------------------------------------------------------------------------
 def _body() -> dict:
-    limit = _state().settings.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body is larger than {limit} bytes (GPU_BRIDGE_MAX_BODY_BYTES)")
-    if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        return {k: v for k, v in request.form.items()}
-    raw = request.get_data(cache=True)  # bounded by MAX_CONTENT_LENGTH (413)
-    if not raw.strip():
-        raise InvalidRequest('request body must be a JSON object, e.g. {"model": "llama3.2:latest"}')
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest('request body must be a JSON object, e.g. {"model": "llama3.2:latest"}')
-    return body
+    """The body of a state-changing route: JSON from a non-browser client, bounded in size and depth."""
+    st = _state()
+    raw = read_body(request, st.settings.max_body_bytes)
+    refuse_browser_requests(request, trusts_loopback=not auth_required(st), body=raw)
+    return json_object(raw)
 
 
 def _model_field(body: dict) -> str:
@@ -244,7 +234,8 @@ def _pull_results(record: dict, live_errors: dict) -> dict:
 def _load_pull(pull_id: str) -> dict:
     st = _state()
     if len(pull_id) > 64:
-        raise NotFound(f"no pull with id {pull_id[:64]!r}...", code="pull_not_found")
+        raise NotFound(f"no pull with id {pull_id[:64]!r}...: see `gpu-bridge jobs` (GET /config/pulls) for the "
+                       "pulls this backend knows", code="pull_not_found")
     try:
         rec = st.db.get_pull(pull_id)
     except SQLAlchemyError as exc:
@@ -252,7 +243,8 @@ def _load_pull(pull_id: str) -> dict:
         raise DatabaseUnavailable("the backend's database is unavailable: check GPU_BRIDGE_DATABASE_URL and "
                                   "the database server") from None
     if rec is None:
-        raise NotFound(f"no pull with id {pull_id!r}: ids come from POST /config/pull-model", code="pull_not_found")
+        raise NotFound(f"no pull with id {pull_id!r}: see `gpu-bridge jobs` (GET /config/pulls) for the pulls "
+                       "this backend knows", code="pull_not_found")
     return rec
 
 

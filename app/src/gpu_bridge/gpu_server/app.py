@@ -24,9 +24,10 @@ from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..config import GpuServerSettings
-from ..errors import ConfigError, GpuBridgeError, PayloadTooLarge, RateLimited, Unauthorized
+from ..errors import ConfigError, GpuBridgeError, RateLimited, Unauthorized
 from ..jobs import JobManager
 from ..ollama import OllamaAdapter
+from ..request_guard import method_label, read_body
 from .health import GpuProbe, OllamaProbe
 from .metrics import Metrics
 from .ratelimit import TokenBucket
@@ -168,10 +169,9 @@ def _install_hooks(app: Flask, state: ServerState) -> None:
         g.started = time.perf_counter()
         given = request.headers.get(REQUEST_ID_HEADER, "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        length = request.content_length
-        if length is not None and length > state.settings.max_body_bytes:
-            raise PayloadTooLarge(f"request body of {length} bytes is over the limit of "
-                                  f"{state.settings.max_body_bytes} (GPU_BRIDGE_MAX_BODY_BYTES)")
+        # No route reads a body, but a body is still read off the socket: sized or chunked, it must
+        # stay under the limit (413), never be swallowed whatever its size.
+        read_body(request, state.settings.max_body_bytes)
 
     @app.before_request
     def _authenticate() -> None:
@@ -197,7 +197,7 @@ def _install_hooks(app: Flask, state: ServerState) -> None:
         if response.status_code == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="gpu-bridge"'
         route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        state.metrics.observe_request(request.method, route, response.status_code, seconds)
+        state.metrics.observe_request(method_label(request.method), route, response.status_code, seconds)
         if route == HEALTH_ROUTE and response.status_code == 200 and not state.settings.log_health_checks:
             # Load balancers poll health every few seconds: one log line each would drown the log and
             # cost a fifth of the endpoint's throughput. /metrics still counts them.
