@@ -138,6 +138,7 @@ class GpuServerSettings:
     pull_stall_timeout: float = 300.0
     max_concurrent_pulls: int = 2
     max_queued_pulls: int = 16
+    max_waiting_pulls: int = 2
     rate_limit_per_minute: int = 60
     max_body_bytes: int = 64 * 1024
     ollama_models_dir: str | None = None
@@ -159,6 +160,7 @@ class GpuServerSettings:
             pull_stall_timeout=env_float(env, "GPU_BRIDGE_PULL_STALL_TIMEOUT", 300.0, minimum=0.1),
             max_concurrent_pulls=env_int(env, "GPU_BRIDGE_MAX_CONCURRENT_PULLS", 2, minimum=1),
             max_queued_pulls=env_int(env, "GPU_BRIDGE_MAX_QUEUED_PULLS", 16, minimum=0),
+            max_waiting_pulls=env_int(env, "GPU_BRIDGE_MAX_WAITING_PULLS", 2, minimum=0),
             rate_limit_per_minute=env_int(env, "GPU_BRIDGE_RATE_LIMIT_PER_MINUTE", 60, minimum=0),
             max_body_bytes=env_int(env, "GPU_BRIDGE_MAX_BODY_BYTES", 64 * 1024, minimum=1024),
             ollama_models_dir=_get(env, "GPU_BRIDGE_OLLAMA_MODELS_DIR"),

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -68,6 +69,12 @@ class ServerState:
     token: bytes | None
     ollama_probe: OllamaProbe
     started: float = field(default_factory=time.monotonic)
+    # ?wait=true holds a gunicorn thread for a whole pull: at most max_waiting_pulls at once, so
+    # health, ready and metrics always find a thread (a 429 tells the rest to poll the job).
+    wait_slots: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.wait_slots = threading.BoundedSemaphore(max(self.settings.max_waiting_pulls, 1))
 
     def probe_read_timeout(self) -> float:
         return probe_read_timeout(self.settings)

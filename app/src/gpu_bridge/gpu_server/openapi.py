@@ -158,7 +158,8 @@ PATHS: dict = {
                 "401": _UNAUTHORIZED,
                 "404": _error("wait=true: model_not_found (the error body carries the job)"),
                 "409": _error("wait=true: the job was cancelled (code cancelled)"),
-                "429": _error("queue_full or rate_limited", _RETRY_AFTER),
+                "429": _error("queue_full, rate_limited, or too_many_waits (wait=true while "
+                              "GPU_BRIDGE_MAX_WAITING_PULLS requests already wait)", _RETRY_AFTER),
                 "502": _error("wait=true: ollama_error"),
                 "503": _error("wait=true: ollama_unavailable"),
                 "504": _error("wait=true: pull_stalled or ollama_timeout"),

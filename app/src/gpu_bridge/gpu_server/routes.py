@@ -18,6 +18,7 @@ log = logging.getLogger("gpu_bridge.gpu_server")
 api = Blueprint("api", __name__)
 
 _TRUE = ("1", "true", "yes", "on")
+WAIT_RETRY_AFTER = 5  # seconds; a pull that someone waits for rarely ends sooner
 _FALSE = ("", "0", "false", "no", "off")
 
 
@@ -88,9 +89,22 @@ def pull_model(name: str):
     # Werkzeug decoded %2F before routing: the decoded name is what the grammar checks.
     parsed = names.validate(name, state.settings.allowed_registries)
     wait = _flag("wait")
-    if state.jobs.find_active(parsed.display) is None:
+    # A wait slot is taken before anything starts: a refused wait starts no pull.
+    if wait and not (state.settings.max_waiting_pulls and state.wait_slots.acquire(blocking=False)):
+        raise RateLimited(f"{state.settings.max_waiting_pulls} requests already wait for pulls to finish "
+                          "(GPU_BRIDGE_MAX_WAITING_PULLS): start the pull without ?wait=true and poll "
+                          "GET /api/jobs/<id>", retry_after=WAIT_RETRY_AFTER, code="too_many_waits")
+    try:
+        return _start_pull(state, parsed.display, wait)
+    finally:
+        if wait:
+            state.wait_slots.release()
+
+
+def _start_pull(state: ServerState, name: str, wait: bool):
+    if state.jobs.find_active(name) is None:
         check_free_space(state.settings.ollama_models_dir, state.settings.min_free_bytes)  # joining needs none
-    job, joined = state.jobs.submit(parsed.display)
+    job, joined = state.jobs.submit(name)
     headers = {"Location": f"/api/jobs/{job.id}"}
     if not wait:
         return jsonify({**job.to_dict(), "joined": joined}), 202, headers
