@@ -51,3 +51,19 @@ def test_bad_arguments_exit_2_without_traceback(argv):
     r = run_cli(*argv)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["--json", "models", "list"], ["models", "list", "--json"],
+                                  ["--json", "jobs", "ID", "--cancel"], ["health", "--json"], ["--json", "health"]])
+def test_json_is_accepted_before_and_after_the_command(argv):
+    assert cli.build_parser().parse_args(argv).json is True
+
+
+@pytest.mark.parametrize("argv", [["models", "list"], ["jobs"], ["health"], ["serve-gpu"]])
+def test_without_json_the_output_is_for_people(argv):
+    assert cli.build_parser().parse_args(argv).json is False
+
+
+def test_json_in_the_wrong_place_of_a_server_command_is_still_a_usage_error():
+    r = run_cli("serve-gpu", "--json")
+    assert r.returncode == 2 and "unrecognized arguments: --json" in r.stderr and "Traceback" not in r.stderr

@@ -116,3 +116,52 @@ def test_bad_url_and_cancel_without_id(capsys):
 def test_default_url(monkeypatch):
     monkeypatch.delenv("GPU_BRIDGE_URL", raising=False)
     assert cli_ops.target_url(type("A", (), {"url": None})()) == "http://127.0.0.1:8000"
+
+
+def test_progress_over_several_hosts_says_so_on_both_renderings():
+    out, clock = io.StringIO(), Clock()
+    p = Progress("pulling tinyllama:latest", out, tty=False, clock=clock, hosts=2)
+    p.update(63_769_945, 127_539_890, "pulling 68c6d4110620")
+    assert out.getvalue() == "pulling tinyllama:latest: 50% (63.8 MB of 127.5 MB across 2 hosts) pulling 68c6d4110620\n"
+    out = io.StringIO()
+    p = Progress("pulling x", out, tty=True, clock=clock, hosts=3)
+    p.update(1_000_000, 3_000_000, "pulling abc")
+    assert "1.0 MB/3.0 MB across 3 hosts" in out.getvalue()
+    out = io.StringIO()
+    Progress("pulling x", out, tty=False, clock=clock).update(1_000_000, 3_000_000)
+    assert "across" not in out.getvalue()
+
+
+def test_a_host_label_is_said_once():
+    assert cli_ops.once("pulling x failed on every GPU host: gpu-01:8001: gpu-01:8001: model 'x' is not "
+                        "installed") == "pulling x failed on every GPU host: gpu-01:8001: model 'x' is not installed"
+    assert cli_ops.once("gpu-01:8001: gpu-01:8001 refused the connection") == "gpu-01:8001 refused the connection"
+    assert cli_ops.once("gpu-01:8001: gpu-01:80011 x") == "gpu-01:8001: gpu-01:80011 x"  # different hosts
+    assert cli_ops.host_message("gpu-01:8001", "gpu-01:8001 refused") == "gpu-01:8001 refused"
+    assert cli_ops.host_message("gpu-01:8001", "model gone") == "gpu-01:8001: model gone"
+
+
+def test_health_table_rows_follow_the_json(capsys):
+    doc = {"status": "degraded", "version": "0.1.0", "transport": "http",
+           "db": {"ok": True, "dialect": "sqlite", "schema_version": 2},
+           "gpu_hosts": {
+               "gpu-01:8001": {"ok": True, "status": "ok", "latency_ms": 3.0, "breaker": {"state": "closed"}},
+               "gpu-02:8001": {"ok": True, "status": "degraded", "latency_ms": 4.0, "breaker": {"state": "closed"},
+                               "reason": "no GPU visible (NVML found no GPU)"},
+               "gpu-03:8001": {"ok": False, "latency_ms": None, "code": "gpu_circuit_open",
+                               "breaker": {"state": "open", "retry_in_s": 12.5},
+                               "error": "gpu-03:8001: gpu-03:8001 refused the connection"}}}
+    backend = _standin({"/health": doc,
+                        "/api/openapi.json": {"openapi": "3.0.3", "info": {"title": "gpu-bridge backend"}}})
+    try:
+        assert cli.main(["health", "--url", backend.url]) == 1
+    finally:
+        backend.stop()
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in capsys.readouterr().out.splitlines()[3:]}
+    assert rows["gpu-01:8001"][0] == "ok"
+    assert rows["gpu-02:8001"][0] == "degraded"
+    assert rows["gpu-02:8001"][1].endswith("no GPU visible (NVML found no GPU)")
+    assert rows["gpu-03:8001"][0] == "FAILING"
+    assert "breaker open (trial in 12.5 s)" in rows["gpu-03:8001"][1]
+    assert rows["gpu-03:8001"][1].endswith("gpu-03:8001 refused the connection")
+    assert rows["gpu-03:8001"][1].count("gpu-03:8001") == 1

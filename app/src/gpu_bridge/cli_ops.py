@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TextIO
 from urllib.parse import quote, urlsplit
 
@@ -36,6 +38,7 @@ POLL_INTERVAL = 0.5          # seconds between progress polls
 NO_PROGRESS_LIMIT = 900.0    # give up following a pull that shows no change for this long (GPU side stalls at 300 s)
 POLL_ERROR_LIMIT = 60.0      # give up following when polling itself fails for this long
 ACTIVE = ("queued", "running")
+ABSENT = ("model_not_found",)  # a delete's per-host code for "was not there": nothing to do
 
 
 # --- formatting -----------------------------------------------------------------------------------
@@ -59,6 +62,42 @@ def human_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+_FRACTION = re.compile(r"(\.\d+)")
+
+
+def utc_time(value: object) -> str:
+    """An ISO 8601 time (Ollama's local time with offset, nanoseconds; the backend's ``...Z``) as
+    ``YYYY-MM-DD HH:MM:SS`` in UTC: the one convention every table uses (their headers say "UTC").
+    A time without an offset is taken as UTC; anything unparseable is shown as it came."""
+    if not isinstance(value, str) or not value.strip():
+        return ""
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    text = _FRACTION.sub(lambda m: m.group(1)[:7], text, count=1)  # Python parses at most microseconds
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return value
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# A host label (name:port) said twice: "gpu-01:8001: gpu-01:8001 refused ..." (a per-host message already
+# names its host, and a summary prefixes the host again).
+_TWICE = re.compile(r"(?<![\w.\-])([A-Za-z0-9_.\-]+:\d+): \1(?![\w.\-])")
+
+
+def host_message(label: str, message: object) -> str:
+    """``label: message``, unless the message already starts with the host's label."""
+    text = once(str(message or "failed"))
+    return text if text.startswith(label) else f"{label}: {text}"
+
+
+def once(text: str) -> str:
+    """``text`` with each doubled host label said once."""
+    return _TWICE.sub(r"\1", text)
+
+
 def _table(rows: list[list[str]], headers: list[str], out: TextIO) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
     for row in [headers, *rows]:
@@ -69,8 +108,10 @@ class Progress:
     """A pull's progress: a live ``\\r`` bar on a terminal, plain lines (every ~10 % or status change) otherwise."""
 
     def __init__(self, label: str, out: TextIO | None = None, *, tty: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, hosts: int = 1):
         self.label = label
+        # Several hosts pull the same model: the byte figures are their sum, and say so.
+        self.scope = f" across {hosts} hosts" if hosts > 1 else ""
         self.out = out or sys.stdout
         self.tty = self.out.isatty() if tty is None else tty
         self.clock = clock
@@ -112,7 +153,8 @@ class Progress:
             filled = int(20 * min(percent, 100.0) / 100)
             bar, pct = "[" + "#" * filled + "-" * (20 - filled) + "]", f"{percent:5.1f}%"
         speed = f"{human_bytes(self.rate)}/s" if self.rate else "--/s"
-        text = (f"{self.label} {bar} {pct}  {human_bytes(completed)}/{human_bytes(total) if total else '?'}  "
+        text = (f"{self.label} {bar} {pct}  {human_bytes(completed)}/{human_bytes(total) if total else '?'}"
+                f"{self.scope}  "
                 f"{speed}  ETA {human_duration(self._eta(completed, total))}  {status or ''}").rstrip()
         text = text[: max(10, columns - 1)]
         pad = " " * max(0, self._width - len(text))
@@ -128,7 +170,7 @@ class Progress:
         self._status = status
         parts = [f"{self.label}:"]
         if percent is not None:
-            parts.append(f"{percent:.0f}% ({human_bytes(completed)} of {human_bytes(total)})")
+            parts.append(f"{percent:.0f}% ({human_bytes(completed)} of {human_bytes(total)}{self.scope})")
         if self.rate:
             parts.append(f"{human_bytes(self.rate)}/s")
         if status:
@@ -230,7 +272,7 @@ class BackendClient:
             raise GpuBridgeError(f"{self.url} answered {method} {path} with HTTP {r.status_code} and no JSON: is it "
                                  "a gpu-bridge backend? (check --url)", status=502)
         if r.status_code >= 400:
-            raise GpuBridgeError(data.get("error") or f"HTTP {r.status_code}", code=data.get("code"),
+            raise GpuBridgeError(once(str(data.get("error") or f"HTTP {r.status_code}")), code=data.get("code"),
                                  status=r.status_code, extra={"body": data})
         return data
 
@@ -295,9 +337,8 @@ def _models_list(ctx: _Ctx) -> int:
         if ctx.json:
             ctx.dump({"models": models})
             return 0
-        rows = [[m.get("name", "?"), human_bytes(m.get("size")), str(m.get("modified_at") or "")[:19].replace("T", " ")]
-                for m in models]
-        _table(rows, ["NAME", "SIZE", "MODIFIED"], ctx.out)
+        rows = [[m.get("name", "?"), human_bytes(m.get("size")), utc_time(m.get("modified_at"))] for m in models]
+        _table(rows, ["NAME", "SIZE", "MODIFIED (UTC)"], ctx.out)
         return 0
     data = ctx.backend.call("GET", "/config/models")
     if ctx.json:
@@ -305,40 +346,61 @@ def _models_list(ctx: _Ctx) -> int:
         return 0
     for label, st in (data.get("hosts") or {}).items():
         if not st.get("ok"):
-            _warn(f"{label}: {st.get('error')}")
+            _warn(host_message(label, st.get("error")))
     if data.get("stale"):
-        _warn(f"no GPU host answered: showing the cached list from {data.get('fetched_at')}")
-    rows = [[m.get("name", "?"), human_bytes(m.get("size")), str(m.get("modified_at") or "")[:19].replace("T", " "),
+        _warn(f"no GPU host answered: showing the cached list from {utc_time(data.get('fetched_at'))} UTC")
+    rows = [[m.get("name", "?"), human_bytes(m.get("size")), utc_time(m.get("modified_at")),
              ", ".join(m.get("hosts") or [])] for m in data.get("models") or []]
-    _table(rows, ["NAME", "SIZE", "MODIFIED", "HOSTS"], ctx.out)
+    _table(rows, ["NAME", "SIZE", "MODIFIED (UTC)", "HOSTS"], ctx.out)
     return 0
 
 
 def _models_delete(ctx: _Ctx) -> int:
+    """Idempotent for the operator: exit 0 when the model is gone from every chosen host afterwards (hosts
+    that already lacked it are named); exit 1 when a host failed, or when no host had it (a misspelt name)."""
     name = names.parse(ctx.args.name).display
     if ctx.gpu is not None:
         if ctx.args.hosts:
             raise GpuBridgeError("--host only works through a backend (this URL is a GPU server)", code="usage")
-        result = ctx.gpu.delete_model(name)
-        if ctx.json:
-            ctx.dump(result)
-        else:
-            print(f"deleted {name} on {ctx.gpu.host.label}", file=ctx.out)
-        return 0
+        label = ctx.gpu.host.label
+        try:
+            result = {"ok": True, **ctx.gpu.delete_model(name)}
+        except GpuBridgeError as exc:
+            if exc.code not in ABSENT:
+                raise
+            result = {"ok": False, "error": exc.message, "code": exc.code, "status": exc.status}
+        return _delete_outcome(ctx, name, {"model": name, "results": {label: result}})
     body = {"model": name}
     if ctx.args.hosts:
         body["hosts"] = ctx.args.hosts
-    data = ctx.backend.call("POST", "/config/delete-model", body)
+    try:
+        data = ctx.backend.call("POST", "/config/delete-model", body)
+    except GpuBridgeError as exc:
+        # Every host failed; the answer still says how each one did.
+        data = exc.extra.get("body")
+        if not isinstance(data, dict) or not isinstance(data.get("results"), dict) or not data["results"]:
+            raise
+    return _delete_outcome(ctx, name, data)
+
+
+def _delete_outcome(ctx: _Ctx, name: str, data: dict) -> int:
+    results = data.get("results") or {}
+    deleted = [lbl for lbl, r in results.items() if r.get("ok")]
+    absent = [lbl for lbl, r in results.items() if not r.get("ok") and r.get("code") in ABSENT]
+    failed = {lbl: r for lbl, r in results.items() if not r.get("ok") and r.get("code") not in ABSENT}
     if ctx.json:
         ctx.dump(data)
-    results = data.get("results") or {}
-    ok = [lbl for lbl, r in results.items() if r.get("ok")]
-    failed = {lbl: r for lbl, r in results.items() if not r.get("ok")}
-    if not ctx.json:
-        print(f"deleted {name} on {', '.join(ok)}", file=ctx.out)
+    else:
+        if deleted:
+            print(f"deleted {name} on {', '.join(deleted)}", file=ctx.out)
+        if absent and (deleted or failed):
+            print(f"{name} was already absent on {', '.join(absent)}", file=ctx.out)
     if failed:
-        raise GpuBridgeError(f"deleting {name} failed on " + "; ".join(f"{lbl}: {r.get('error')}"
+        raise GpuBridgeError(f"deleting {name} failed on " + "; ".join(host_message(lbl, r.get("error"))
                                                                       for lbl, r in failed.items()))
+    if not deleted:
+        raise GpuBridgeError(f"deleting {name} failed: it is not installed on {', '.join(absent)}: check the name "
+                             "with `gpu-bridge models list`", code="model_not_found", status=404)
     return 0
 
 
@@ -375,7 +437,7 @@ def _models_pull(ctx: _Ctx) -> int:
     pull_id = started.get("id")
     for label, r in (started.get("results") or {}).items():
         if not r.get("ok") and not ctx.json:
-            _warn(f"{label}: {r.get('error')}")
+            _warn(host_message(label, r.get("error")))
     if ctx.args.no_wait or not pull_id:
         if ctx.json:
             ctx.dump(started)
@@ -399,13 +461,14 @@ def _models_pull(ctx: _Ctx) -> int:
         return {"state": s.get("state"), "completed": s.get("completed"), "total": s.get("total"),
                 "status": status, "raw": s, "done": bool(s.get("done")), "failures": failures}
 
-    final = _follow(ctx, name, poll, ref=pull_id)
+    pulling = sum(1 for r in (started.get("results") or {}).values() if r.get("ok"))
+    final = _follow(ctx, name, poll, ref=pull_id, hosts=pulling)
     return _pull_outcome(ctx, name, final, list((final["raw"].get("results") or {}).keys()))
 
 
-def _follow(ctx: _Ctx, name: str, poll: Callable[[], dict], *, ref: str) -> dict:
+def _follow(ctx: _Ctx, name: str, poll: Callable[[], dict], *, ref: str, hosts: int = 1) -> dict:
     """Poll until done; bounded by progress (no change for NO_PROGRESS_LIMIT), not by a total deadline."""
-    progress = None if ctx.json else Progress(f"pulling {name}", ctx.out)
+    progress = None if ctx.json else Progress(f"pulling {name}", ctx.out, hosts=hosts)
     last_change = time.monotonic()
     last_key = None
     first_error_at: float | None = None
@@ -453,7 +516,7 @@ def _pull_outcome(ctx: _Ctx, name: str, final: dict, hosts: list[str]) -> int:
         return 0
     if not failures:
         failures = {", ".join(hosts): final.get("state")}
-    raise GpuBridgeError(f"pull of {name} failed on " + "; ".join(f"{h}: {e}" for h, e in failures.items()))
+    raise GpuBridgeError(f"pull of {name} failed on " + "; ".join(host_message(h, e) for h, e in failures.items()))
 
 
 # --- jobs -------------------------------------------------------------------------------------------
@@ -478,7 +541,13 @@ def _jobs(ctx: _Ctx) -> int:
     a = ctx.args
     if ctx.gpu is not None:
         if a.id:
-            job = ctx.gpu.cancel_job(a.id) if a.cancel else ctx.gpu.get_job(a.id)
+            try:
+                job = ctx.gpu.cancel_job(a.id) if a.cancel else ctx.gpu.get_job(a.id)
+            except GpuBridgeError as exc:
+                if exc.code != "job_not_found":
+                    raise
+                raise GpuBridgeError(f"{exc.message}: see `gpu-bridge jobs --url {ctx.url}` for the jobs it knows",
+                                     code=exc.code, status=exc.status) from None
             if ctx.json:
                 ctx.dump(job)
             else:
@@ -508,15 +577,15 @@ def _jobs(ctx: _Ctx) -> int:
             state = job.get("state") or ("error" if not r.get("ok") else "")
             rows.append([label, str(job.get("id") or "-"), str(state),
                          f"{jpct:.1f}%" if isinstance(jpct, int | float) else "-",
-                         str(r.get("error") or job.get("error") or job.get("status") or "")])
+                         once(str(r.get("error") or job.get("error") or job.get("status") or ""))])
         _table(rows, ["HOST", "JOB", "STATE", "PERCENT", "STATUS"], ctx.out)
         return 0
     data = ctx.backend.call("GET", "/config/pulls")
     if ctx.json:
         ctx.dump(data)
         return 0
-    _table([[p["id"], p["state"], p["model"], str(p.get("created_at") or ""), ", ".join(p.get("hosts") or [])]
-            for p in data.get("pulls") or []], ["ID", "STATE", "MODEL", "CREATED", "HOSTS"], ctx.out)
+    _table([[p["id"], p["state"], p["model"], utc_time(p.get("created_at")), ", ".join(p.get("hosts") or [])]
+            for p in data.get("pulls") or []], ["ID", "STATE", "MODEL", "CREATED (UTC)", "HOSTS"], ctx.out)
     return 0
 
 
@@ -558,11 +627,23 @@ def cmd_health(args) -> int:
                   + (f": {db.get('error')}" if db.get("error") else "") + ")", file=ctx.out)
             rows = []
             for label, h in (doc.get("gpu_hosts") or {}).items():
-                breaker = (h.get("breaker") or {}).get("state", "?")
+                breaker = h.get("breaker") or {}
                 lat = h.get("latency_ms")
-                rows.append([label, "ok" if h.get("ok") else "FAILING", f"{lat:.0f} ms" if lat is not None else "-",
-                             f"breaker {breaker}", str(h.get("error") or "")])
-            _table(rows, ["GPU HOST", "STATE", "LATENCY", "BREAKER", "ERROR"], ctx.out)
+                retry = breaker.get("retry_in_s")
+                trial = f" (trial in {retry:g} s)" if breaker.get("state") == "open" and \
+                    isinstance(retry, int | float) else ""
+                rows.append([label, _host_state(h), f"{lat:.0f} ms" if lat is not None else "-",
+                             f"breaker {breaker.get('state', '?')}{trial}",
+                             once(str(h.get("error") or h.get("reason") or ""))])
+            _table(rows, ["GPU HOST", "STATE", "LATENCY", "BREAKER", "ERROR / REASON"], ctx.out)
         return 0 if doc.get("status") == "ok" else 1
     finally:
         ctx.close()
+
+
+def _host_state(h: dict) -> str:
+    """A GPU host's state as the backend's JSON says it: FAILING (not usable), else the host's own status
+    (``ok``, or ``degraded`` with a ``reason``, e.g. no GPU visible: models still work)."""
+    if not h.get("ok"):
+        return "FAILING"
+    return str(h.get("status") or "ok")

@@ -206,6 +206,8 @@ class GpuFleet:
                 entry["status"] = doc.get("status")
                 ollama = doc.get("ollama") or {}
                 entry["ollama_reachable"] = ollama.get("reachable")
+                if doc.get("status") not in (None, "ok"):
+                    entry["reason"] = degraded_reason(doc)
                 # A host without a usable GPU still serves model operations: only Ollama decides "ok".
                 entry["ok"] = ollama.get("reachable") is not False
                 if not entry["ok"]:
@@ -229,6 +231,17 @@ class GpuFleet:
                 slot.transport.close()
             except Exception:  # noqa: BLE001, S110 - closing is best effort
                 pass
+
+
+def degraded_reason(doc: dict) -> str:
+    """Why a GPU host's ``/api/health`` says ``degraded``, in words (no Ollama, no GPU visible)."""
+    reasons = []
+    ollama, gpu = doc.get("ollama") or {}, doc.get("gpu") or {}
+    if ollama.get("reachable") is False:
+        reasons.append("Ollama not reachable" + (f" ({ollama['error']})" if ollama.get("error") else ""))
+    if gpu.get("available") is False:
+        reasons.append("no GPU visible" + (f" ({gpu['error']})" if gpu.get("error") else ""))
+    return "; ".join(reasons) or f"the host reports {doc.get('status')!r}"
 
 
 def merge_models(per_host: dict[str, list[dict]]) -> list[dict]:
