@@ -346,3 +346,13 @@ def test_issue13_backed_up_worker_answers_late_command_expired_not_executed(shar
     assert late["id"] not in w.audit_counts("exec")
     emulator_control(emulator, "config", {"latency_ms": 0})
     assert INSTALLED in installed(share)
+
+
+def test_row3_directory_planted_as_heartbeat_json_does_not_stop_the_worker(share, start_worker, module_emulator):
+    paths = paths_of(share)
+    os.mkdir(paths.heartbeat)
+    with open(os.path.join(paths.heartbeat, "inside"), "w") as fh:
+        fh.write("x")
+    w = start_worker(share, module_emulator.url)  # ready = its heartbeat file is written
+    assert any("status file" in r["reason"] for r in quarantined(paths).values())
+    assert_still_serving(w)

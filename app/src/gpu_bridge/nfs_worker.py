@@ -43,6 +43,16 @@ other than ``/`` (``GPU_BRIDGE_NFS_REQUIRE_MOUNT=false`` for tests) and carries 
 by ``gpu-bridge nfs-init``; stops (exit 1) if the sentinel disappears while running. Stale temp files
 (``spool.STALE_TEMP_SECONDS``), answers and finished progress files older than
 ``GPU_BRIDGE_NFS_ANSWER_RETENTION`` are removed. Run exactly one worker per host id.
+
+Hostile spool: anyone who can write to the share can plant entries, so the worker reads regular
+files only (``O_NOFOLLOW|O_NONBLOCK``, then ``fstat``), commands of at most ``spool.MAX_COMMAND_BYTES``
+nesting at most ``spool.MAX_JSON_DEPTH`` levels, named ``<request id>.json``. Anything else is moved to
+``bad/`` with a reason (and answered ``invalid_request`` when its name is a usable request id); each
+entry is handled in its own error handler, so none can stop the worker or the commands behind it.
+Deadlines must be finite and at most ``spool.MAX_DEADLINE_AHEAD`` ahead; they are checked at claim and
+again when a pool thread starts the command. Resumed pulls go through the same checks as new ones.
+Clock skew (this worker vs. the share, a sender vs. the share) is logged as a warning. File names are
+logged with ``repr``.
 """
 
 from __future__ import annotations
@@ -142,6 +152,7 @@ class NfsWorker:
     def run(self) -> int:
         self.check()
         spool.prepare_host(self.paths)
+        self._clear_status_names()
         if self.nfs.audit_log:
             self._audit_fd = os.open(self.nfs.audit_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self.counter = self._previous_counter() + 1
@@ -159,6 +170,16 @@ class NfsWorker:
         finally:
             self._shutdown()
         return self.exit_code
+
+    def _clear_status_names(self) -> None:
+        """A directory planted where the worker writes its own status files would make every heartbeat
+        fail (a rename cannot replace a directory): move it to bad/. Other types are simply replaced."""
+        for path in (self.paths.heartbeat, self.paths.models):
+            try:
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    self._refuse(path, None, "a directory where the worker writes its status file")
+            except FileNotFoundError:
+                pass
 
     def _build_backends(self) -> None:
         if self._adapter is None:

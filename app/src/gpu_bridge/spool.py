@@ -82,7 +82,11 @@ Command (``gpu_commands/<host>/new/<id>.json``)::
      "created_at": <epoch s>, "deadline": <epoch s>, "sender": "<hostname>:<pid>"}
 
 The deadline is absolute wall-clock time: production and GPU hosts must run NTP (any skew eats into
-``command_timeout``). An expired command is answered with ``command_expired`` and not executed.
+``command_timeout``). An expired command is answered with ``command_expired`` and not executed; the
+worker checks the deadline when it claims the command and again when it starts it. A deadline that is
+not finite or lies more than ``MAX_DEADLINE_AHEAD`` ahead is refused (``invalid_request``). A command
+file must be a regular file named ``<request id>.json``, at most ``MAX_COMMAND_BYTES``, nesting at most
+``MAX_JSON_DEPTH`` levels; the worker moves anything else to ``bad/`` (see ``quarantine``).
 
 Answer (``gpu_status/<host>/answers/<id>.json``)::
 
