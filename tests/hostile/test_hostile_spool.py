@@ -334,9 +334,10 @@ def test_row6_worker_clock_31s_ahead_warns_and_says_so_in_expired_answers(share,
 # --- issue 13: a command that waited past its deadline in the worker's pool ---------------------------------------
 def test_issue13_backed_up_worker_answers_late_command_expired_not_executed(share, start_worker, emulator):
     w = start_worker(share, emulator.url)
-    emulator_control(emulator, "config", {"latency_ms": 1500})  # every Ollama call now takes 1.5 s
+    emulator_control(emulator, "config", {"latency_ms": 2500})  # every Ollama call now takes 2.5 s
     slow = [spool.make_command(HOST, "health", timeout=20) for _ in range(4)]  # fill the 4 pool threads
-    late = spool.make_command(HOST, "delete", {"model": INSTALLED}, timeout=0.8)
+    # Claimed well inside its 1.2 s (the worker polls every 5 ms), started only when a thread frees up.
+    late = spool.make_command(HOST, "delete", {"model": INSTALLED}, timeout=1.2)
     for cmd in [*slow, late]:
         spool.send_command(w.paths, cmd)
     answer = answer_of(w.paths, late["id"])
