@@ -140,3 +140,77 @@ def test_snapshot_reports_state_and_last_error():
     assert snap["consecutive_failures"] == 1
     assert snap["last_error_code"] == "gpu_unreachable"
     assert snap["retry_in_s"] == 30
+
+
+# --- the half-open trial is a health probe, never the caller's call (issue 13) ----------------------------------
+def _opened(clock, probe):
+    b = CircuitBreaker("gpu-01:8001", threshold=1, cooldown=10, clock=clock, probe=probe)
+    with pytest.raises(GpuHostUnreachable):
+        b.call(down)
+    assert b.state == OPEN
+    clock.now += 10
+    assert b.state == HALF_OPEN
+    return b
+
+
+def test_half_open_runs_the_probe_first_then_the_call():
+    clock, order = Clock(), []
+    b = _opened(clock, probe=lambda: order.append("probe"))
+    assert b.call(lambda: order.append("call") or "answer") == "answer"
+    assert order == ["probe", "call"] and b.state == CLOSED
+
+
+def test_a_failed_probe_keeps_the_circuit_open_and_never_runs_the_call():
+    clock, calls = Clock(), []
+    b = _opened(clock, probe=down)
+    with pytest.raises(CircuitOpen, match="health probe after the cool-down failed"):
+        b.call(lambda: calls.append(1))
+    assert calls == [] and b.state == OPEN and b.retry_in() == 10
+
+
+def test_a_long_call_after_the_probe_does_not_block_others_as_a_trial():
+    clock = Clock()
+    b = _opened(clock, probe=lambda: None)
+    release, inside = threading.Event(), threading.Event()
+
+    def long_pull():
+        inside.set()
+        release.wait(5)
+
+    t = threading.Thread(target=b.call, args=(long_pull,))
+    t.start()
+    assert inside.wait(5)
+    assert b.call(lambda: "other") == "other"  # the closed circuit admits others during the long call
+    release.set()
+    t.join(5)
+
+
+def test_a_refused_token_is_not_a_host_failure():
+    from gpu_bridge.errors import GpuHostUnauthorized
+
+    b = CircuitBreaker("gpu-01:8001", threshold=2, cooldown=10, clock=Clock())
+
+    def refused():
+        raise GpuHostUnauthorized("token rejected by gpu-01:8001", host="gpu-01:8001")
+
+    for _ in range(10):
+        with pytest.raises(GpuHostUnauthorized):
+            b.call(refused)
+    assert b.state == CLOSED and b.snapshot()["consecutive_failures"] == 0
+
+
+def test_transitions_are_logged_with_host_and_reason(caplog):
+    import logging
+
+    # Straight on the breaker's logger: the backend's logger above it does not propagate to the root.
+    logger = logging.getLogger("gpu_bridge.backend.breaker")
+    logger.addHandler(caplog.handler)
+    try:
+        clock = Clock()
+        b = _opened(clock, probe=lambda: None)
+        b.call(lambda: None)
+    finally:
+        logger.removeHandler(caplog.handler)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("circuit for gpu-01:8001 opened" in m and "refused the connection" in m for m in messages), messages
+    assert any("circuit for gpu-01:8001 closed: the health probe succeeded" in m for m in messages), messages

@@ -47,7 +47,8 @@ def test_listing_reports_a_dead_host_and_keeps_the_others():
     fakes.made["10.0.0.2"].down = True
     listing = fleet.list_models()
     assert listing["hosts"][B] == {"ok": False, "error": f"{B} refused the connection: is gpu-http-server.service "
-                                                        "running?", "code": "gpu_unreachable", "status": 503}
+                                                        "running?", "code": "gpu_unreachable", "status": 503,
+                                 "reason": "unreachable"}
     assert [m["hosts"] for m in listing["models"]] == [[A]]
     assert set(listing["per_host"]) == {A}
 

@@ -216,6 +216,8 @@ class ClientSettings:
     breaker_threshold: int = 3
     breaker_cooldown: float = 15.0
     transport: str = "http"
+    fanout_deadline: float = 2.5
+    pull_deadline: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
@@ -233,6 +235,8 @@ class ClientSettings:
             breaker_threshold=env_int(env, "GPU_BRIDGE_BREAKER_THRESHOLD", 3, minimum=1),
             breaker_cooldown=env_float(env, "GPU_BRIDGE_BREAKER_COOLDOWN", 15.0),
             transport=transport,
+            fanout_deadline=env_float(env, "GPU_BRIDGE_FANOUT_DEADLINE", 2.5, minimum=0.05),
+            pull_deadline=env_float(env, "GPU_BRIDGE_PULL_DEADLINE", 0.0, minimum=0.0),
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, g, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -112,6 +113,7 @@ def list_models():
 
     listing = st.fleet.list_models()
     statuses, per_host = listing["hosts"], listing["per_host"]
+    failed = [lbl for lbl in statuses if lbl not in per_host]
     if per_host:
         fetched_at = utc_now_iso()
         for label, models in per_host.items():
@@ -120,20 +122,29 @@ def list_models():
             except SQLAlchemyError as exc:
                 _db_failed("store model cache", exc)
                 break
-        payload = {"models": listing["models"], "hosts": statuses, "source": "gpu", "stale": False,
+    # A host that did not answer (timeout, down, breaker open) contributes its last good list, marked
+    # stale with its age: the listing never waits for a sick host and never forgets its models.
+    cached, fetched = {}, {}
+    if failed:
+        try:
+            cached, fetched = st.db.cached_models(failed)
+        except SQLAlchemyError as exc:
+            _db_failed("read model cache", exc)
+    now = datetime.now(UTC)
+    for label in fetched:
+        statuses[label].update(stale=True, cached_at=iso(fetched[label]),
+                               age_s=round((now - fetched[label]).total_seconds(), 1))
+    if per_host:
+        models = merge_models({**per_host, **cached}) if cached else listing["models"]
+        payload = {"models": models, "hosts": statuses, "source": "gpu", "stale": bool(failed),
                    "fetched_at": fetched_at}
-        if len(per_host) == len(statuses):
+        if not failed:
             st.listing_memo = (time.monotonic(), payload)
         return jsonify(payload)
 
-    # No GPU host answered: the last good list, marked stale.
+    # No GPU host answered: the last good lists, marked stale.
     st.invalidate_listing()
     summary = summarize(statuses)
-    try:
-        cached, fetched = st.db.cached_models(st.fleet.labels)
-    except SQLAlchemyError as exc:
-        _db_failed("read model cache", exc)
-        cached, fetched = {}, {}
     if not fetched:
         detail = "; ".join(f"{lbl}: {r.get('error')}" for lbl, r in statuses.items())
         resp = jsonify({"error": f"no GPU host answered and there is no cached model list yet: {detail}",

@@ -26,6 +26,10 @@ class GpuTransport(ABC):
     def health(self) -> dict:
         """The host's health document (``GET /api/health`` shape)."""
 
+    def probe(self) -> dict:
+        """A cheap liveness check for the circuit breaker's half-open trial (default: ``health``)."""
+        return self.health()
+
     @abstractmethod
     def list_models(self) -> list[dict]:
         """Installed models: dicts with name, size, digest, modified_at, details."""

@@ -2,34 +2,42 @@
 
 closed     calls go through; ``threshold`` consecutive host failures open the circuit.
 open       calls fail at once with ``CircuitOpen`` until ``cooldown`` seconds have passed.
-half_open  after the cool-down exactly one trial call goes through; success closes the circuit,
-           failure opens it again for another cool-down. Other callers still get ``CircuitOpen``
-           while the trial is in flight.
+half_open  after the cool-down the first caller runs the breaker's ``probe`` (a cheap health call),
+           never its own call: a success closes the circuit and the call goes on; a failure opens it
+           again for another cool-down. Other callers get ``CircuitOpen`` while the probe runs. (Without
+           a probe the first call itself is the trial, as before.)
 
-Only host failures (the ``GpuHostError`` family) count. A 4xx answer (unknown model, bad name) or a
-failed pull job means the host answered, so it counts as a success.
+Only failures of the host count (the ``GpuHostError`` family: refused, reset, timed out, the GPU
+server's own 5xx). A 4xx answer (unknown model, bad name) or a failed pull job means the host
+answered, so it counts as a success. A refused token (``GpuHostUnauthorized``) is a configuration
+error, not a sick host: it does not count either way, so rotating tokens cannot take hosts "down".
+Every transition is logged (``gpu_bridge.backend.breaker``) with the host and the reason.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..errors import CircuitOpen, GpuBridgeError, GpuHostError
+from ..errors import CircuitOpen, GpuBridgeError, GpuHostError, GpuHostUnauthorized
 
 T = TypeVar("T")
+# A child of the backend's logger: transitions land in its JSON log (the backend owns the breakers).
+log = logging.getLogger("gpu_bridge.backend.breaker")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 class CircuitBreaker:
     def __init__(self, name: str, threshold: int = 3, cooldown: float = 15.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, probe: Callable[[], object] | None = None):
         if threshold < 1:
             raise ValueError("threshold must be >= 1")
         self.name = name
+        self.probe = probe
         self.threshold = threshold
         self.cooldown = cooldown
         self._clock = clock
@@ -92,6 +100,9 @@ class CircuitBreaker:
 
     def record_success(self, trial: bool = False) -> None:
         with self._lock:
+            if self._state != CLOSED:
+                log.warning("circuit for %s closed: %s", self.name,
+                            "the health probe succeeded" if trial else "a call succeeded")
             self._failures = 0
             self._state = CLOSED
             if trial:
@@ -108,6 +119,10 @@ class CircuitBreaker:
                 self.last_error_code = getattr(exc, "code", None)
             self.last_failure_at = self._clock()
             if trial or self._state == HALF_OPEN or self._failures >= self.threshold:
+                if self._state != OPEN or trial:
+                    log.warning("circuit for %s opened for %g s after %d consecutive failure(s)%s: %s",
+                                self.name, self.cooldown, self._failures, " (the half-open probe failed)"
+                                if trial else "", self.last_error or "no detail")
                 self._state = OPEN
                 self._opened_at = self._clock()
 
@@ -117,10 +132,35 @@ class CircuitBreaker:
             with self._lock:
                 self._trial_in_flight = False
 
+    def _run_probe(self) -> None:
+        """The half-open trial: the probe, not the caller's call. Raises CircuitOpen when it fails."""
+        assert self.probe is not None
+        try:
+            self.probe()
+        except GpuHostUnauthorized:
+            self.record_success(trial=True)  # it answered; the token is another matter (reported by the call)
+        except GpuHostError as exc:
+            self.record_failure(exc, trial=True)
+            raise CircuitOpen(f"{self.name} is still down: the health probe after the cool-down failed: "
+                              f"{exc.message}", host=self.name) from None
+        except GpuBridgeError:
+            self.record_success(trial=True)
+        except BaseException:
+            self.release_trial(True)
+            raise
+        else:
+            self.record_success(trial=True)
+
     def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
         trial = self.before_call()
+        if trial and self.probe is not None:
+            self._run_probe()
+            trial = False
         try:
             result = fn(*args, **kwargs)
+        except GpuHostUnauthorized:
+            self.release_trial(trial)  # a configuration error: neither a failure nor proof of health
+            raise
         except GpuHostError as exc:
             self.record_failure(exc, trial)
             raise

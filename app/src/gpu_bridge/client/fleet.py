@@ -6,21 +6,42 @@
   host; a host whose breaker is open answers ``gpu_circuit_open`` at once instead of costing a timeout;
 - single-host operations prefer a healthy host (``call_any``).
 
+Deadlines: a fan-out never waits longer than its deadline (``GPU_BRIDGE_FANOUT_DEADLINE`` for
+listings and health; connect + read timeout + 1 s for starting pulls and deleting). A host that has
+not answered by then is reported with ``reason: "timeout"`` and the answer goes out with what
+arrived; its call goes on in the background and still informs its breaker. Read calls (listing,
+health) are single-flight per host: while one is in flight, later fan-outs wait on the same call
+instead of stacking threads on a hung host. All fan-outs share one bounded thread pool.
+
+Every failed host carries a ``reason``: ``timeout``, ``unreachable``, ``unauthorized`` (a token
+mismatch: fix the configuration; the breaker does not count it), ``circuit_open`` or ``error``.
+
 Host labels (``name:port``) identify hosts everywhere; a selection may also use the bare name.
 """
 
 from __future__ import annotations
 
 import contextvars
+import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from .. import names
 from ..config import BackendSettings, GpuHost
-from ..errors import ConfigError, GpuBridgeError, GpuHostError, InvalidRequest, NoHealthyHost
+from ..errors import (
+    CircuitOpen,
+    ConfigError,
+    GpuBridgeError,
+    GpuHostError,
+    GpuHostTimeout,
+    GpuHostUnauthorized,
+    GpuHostUnreachable,
+    InvalidRequest,
+    NoHealthyHost,
+)
 from . import make_transport
 from .base import GpuTransport
 from .breaker import CLOSED, HALF_OPEN, CircuitBreaker
@@ -32,9 +53,28 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+# Calls that only read: one in flight per host at a time (see the module docstring).
+SINGLE_FLIGHT = frozenset({"list_models", "health"})
+MAX_POOL_THREADS = 64
+
+
+def failure_reason(exc: GpuBridgeError) -> str:
+    """What an operator should read first about a host's failure."""
+    if isinstance(exc, CircuitOpen):
+        return "circuit_open"
+    if isinstance(exc, GpuHostUnauthorized):
+        return "unauthorized"
+    if isinstance(exc, GpuHostTimeout):
+        return "timeout"
+    if isinstance(exc, GpuHostUnreachable):
+        return "unreachable"
+    return "error"
+
+
 def error_summary(exc: GpuBridgeError) -> dict:
-    """A failure as a per-host result: ``{"ok": false, "error", "code", "status"}`` (+ ``job``)."""
-    out = {"ok": False, "error": exc.message, "code": exc.code, "status": exc.status}
+    """A failure as a per-host result: ``{"ok": false, "error", "code", "status", "reason"}`` (+ ``job``)."""
+    out = {"ok": False, "error": exc.message, "code": exc.code, "status": exc.status,
+           "reason": failure_reason(exc)}
     if "job" in exc.extra:
         out["job"] = exc.extra["job"]
     return out
@@ -65,10 +105,19 @@ class GpuFleet:
         cs = settings.client
         self.slots: dict[str, HostSlot] = {}
         for host in hosts:
+            transport = transport_factory(host, settings)
             self.slots[host.label] = HostSlot(
-                host=host, transport=transport_factory(host, settings),
-                breaker=CircuitBreaker(host.label, cs.breaker_threshold, cs.breaker_cooldown, clock=clock))
+                host=host, transport=transport,
+                breaker=CircuitBreaker(host.label, cs.breaker_threshold, cs.breaker_cooldown, clock=clock,
+                                       probe=transport.probe))
         self.transport_kind = next(iter(self.slots.values())).transport.kind
+        self.fanout_deadline = cs.fanout_deadline
+        self.change_deadline = cs.connect_timeout + cs.read_timeout + 1.0
+        # One pool for every fan-out: enough threads for two calls per host in flight at once.
+        self._pool = ThreadPoolExecutor(max_workers=min(MAX_POOL_THREADS, max(4, 2 * len(hosts))),
+                                        thread_name_prefix="gpu-fleet")
+        self._inflight: dict[tuple, Future] = {}
+        self._inflight_lock = threading.Lock()
 
     # --- hosts ---------------------------------------------------------------------------------
     @property
@@ -123,22 +172,49 @@ class GpuFleet:
                 errors.append(exc.message)
         raise NoHealthyHost("no GPU host could serve the request: " + "; ".join(errors))
 
-    def fan_out(self, labels: list[str], method: str, *args) -> dict[str, tuple[bool, object]]:
-        """``method(*args)`` on each host in parallel: {label: (True, result) | (False, GpuBridgeError)}."""
-        def one(label: str):
+    def _submit(self, label: str, method: str, args: tuple) -> Future:
+        """The call as a future on the shared pool; a read call joins one already in flight."""
+        def one():
             try:
                 return True, self.call(label, method, *args)
             except GpuBridgeError as exc:
                 return False, exc
 
-        if len(labels) == 1:
-            return {labels[0]: one(labels[0])}
-        out: dict[str, tuple[bool, object]] = {}
-        with ThreadPoolExecutor(max_workers=len(labels), thread_name_prefix="gpu-fleet") as pool:
+        if method not in SINGLE_FLIGHT:
             # Each task gets a copy of the caller's context (the request id travels with it).
-            futures = {lbl: pool.submit(contextvars.copy_context().run, one, lbl) for lbl in labels}
-            for lbl, fut in futures.items():
+            return self._pool.submit(contextvars.copy_context().run, one)
+        key = (label, method, args)
+        with self._inflight_lock:
+            fut = self._inflight.get(key)
+            if fut is not None:
+                return fut
+            fut = self._pool.submit(contextvars.copy_context().run, one)
+            self._inflight[key] = fut
+
+        def forget(done: Future) -> None:
+            with self._inflight_lock:
+                if self._inflight.get(key) is done:
+                    del self._inflight[key]
+
+        fut.add_done_callback(forget)
+        return fut
+
+    def fan_out(self, labels: list[str], method: str, *args,
+                deadline: float | None = None) -> dict[str, tuple[bool, object]]:
+        """``method(*args)`` on each host in parallel: {label: (True, result) | (False, GpuBridgeError)}.
+
+        With a ``deadline`` (seconds), hosts that have not answered by then get ``GpuHostTimeout``."""
+        futures = {lbl: self._submit(lbl, method, args) for lbl in labels}
+        wait(list(futures.values()), timeout=deadline)
+        out: dict[str, tuple[bool, object]] = {}
+        for lbl, fut in futures.items():
+            if fut.done():
                 out[lbl] = fut.result()
+            else:
+                out[lbl] = (False, GpuHostTimeout(
+                    f"{lbl} did not answer within the {deadline:g} s deadline of this request "
+                    f"({'GPU_BRIDGE_FANOUT_DEADLINE' if deadline == self.fanout_deadline else 'connect + read timeout'}"
+                    "); its call goes on in the background", host=lbl))
         return out
 
     # --- operations ------------------------------------------------------------------------------
@@ -146,7 +222,7 @@ class GpuFleet:
         """``{"models": merged, "hosts": {label: status}, "per_host": {label: [model, ...]}}``
         (``per_host`` only for hosts that answered)."""
         labels = self.select(hosts)
-        answers = self.fan_out(labels, "list_models")
+        answers = self.fan_out(labels, "list_models", deadline=self.fanout_deadline)
         per_host: dict[str, list[dict]] = {}
         statuses: dict[str, dict] = {}
         for label, (ok, value) in answers.items():
@@ -161,14 +237,17 @@ class GpuFleet:
         """Start (or, with wait, run) a pull on each selected host: {label: {"ok", "job"} | failure}."""
         name = names.parse(model).display
         labels = self.select(hosts)
-        answers = self.fan_out(labels, "pull_and_wait" if wait else "start_pull", name)
+        # Waiting is bounded by the pull's own limits (GPU_BRIDGE_PULL_TIMEOUT without progress,
+        # GPU_BRIDGE_PULL_DEADLINE in all), starting by connect + read timeout.
+        answers = self.fan_out(labels, "pull_and_wait" if wait else "start_pull", name,
+                               deadline=None if wait else self.change_deadline)
         return {lbl: ({"ok": True, "job": value} if ok else error_summary(value)) for lbl, (ok, value) in
                 answers.items()}
 
     def delete(self, model: str, hosts: Iterable[str] | None = None) -> dict[str, dict]:
         name = names.parse(model).display
         labels = self.select(hosts)
-        answers = self.fan_out(labels, "delete_model", name)
+        answers = self.fan_out(labels, "delete_model", name, deadline=self.change_deadline)
         return {lbl: ({"ok": True, **(value or {})} if ok else error_summary(value)) for lbl, (ok, value) in
                 answers.items()}
 
@@ -189,13 +268,15 @@ class GpuFleet:
         labels = [lbl for lbl in wanted if lbl in self.slots]
         if not labels:
             return {}
-        with ThreadPoolExecutor(max_workers=len(labels), thread_name_prefix="gpu-fleet") as pool:
-            futures = {lbl: pool.submit(contextvars.copy_context().run, one, lbl) for lbl in labels}
-            return {lbl: fut.result() for lbl, fut in futures.items()}
+        futures = {lbl: self._pool.submit(contextvars.copy_context().run, one, lbl) for lbl in labels}
+        wait(list(futures.values()), timeout=self.change_deadline)
+        return {lbl: fut.result() if fut.done() else (False, GpuHostTimeout(
+            f"{lbl} did not answer within {self.change_deadline:g} s (connect + read timeout)", host=lbl))
+            for lbl, fut in futures.items()}
 
     def health(self) -> dict[str, dict]:
         """Each host's state: probes ``health()`` through the breaker (an open breaker costs nothing)."""
-        answers = self.fan_out(self.labels, "health")
+        answers = self.fan_out(self.labels, "health", deadline=self.fanout_deadline)
         out: dict[str, dict] = {}
         for label, (ok, value) in answers.items():
             slot = self.slots[label]
@@ -217,6 +298,7 @@ class GpuFleet:
                     entry["code"] = "ollama_unavailable"
             else:
                 entry["error"], entry["code"] = value.message, value.code
+                entry["reason"] = failure_reason(value)
             out[label] = entry
         return out
 
@@ -226,6 +308,7 @@ class GpuFleet:
                 for lbl, s in self.slots.items()}
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for slot in self.slots.values():
             try:
                 slot.transport.close()

@@ -2,9 +2,9 @@
 
 Robustness rules (docs/architecture.md, shared conventions):
 - one session per host, so connections are reused; every call has ``timeout=(connect, read)``;
-- retries only where safe: GET and DELETE after a read failure, any method when the connection was
-  refused (nothing was sent). A connect *timeout* is not retried: a host that did not answer a SYN
-  within the connect timeout will not answer the next one either, and the breaker counts it;
+- retries only where safe: GET and DELETE after a dropped connection, any method when the connection
+  was refused (nothing was sent). Timeouts are never retried: a host that did not answer a SYN, or a
+  request, within its timeout will not answer the next try either, and the breaker counts it;
 - a pull is never retried blindly (a POST whose request may have reached the host);
 - every failure is classified into the project's error types in ONE place, ``_classify``, with a
   message that names the host and says what to check.
@@ -84,12 +84,18 @@ _CODE_TYPES: dict[str, type[GpuBridgeError]] = {
 # (and count against the host's circuit breaker). A failed *job* (stall, Ollama error while pulling)
 # is an outcome of that pull, not a sick host, and keeps its own type.
 _HOST_DOWN_CODES = {"ollama_unavailable", "ollama_timeout"}
+PROBE_READ_TIMEOUT = 2.0
+PULL_POLL_INTERVAL = 0.25  # seconds between polls of a job someone waits for
 
 
 class _SafeRetry(Retry):
-    """urllib3 Retry that does not retry a connect *timeout* (refused connections still retry)."""
+    """urllib3 Retry that never retries a timeout (refused and dropped connections still retry)."""
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        # Neither timeout is retried: a host that did not answer within the timeout will not answer
+        # the next try either, and a retry would triple the wait (3 x 30 s for one listing).
+        if isinstance(error, ReadTimeoutError):
+            raise error  # as urllib3 does for a method it may not retry: requests.ReadTimeout
         if isinstance(error, ConnectTimeoutError) and not isinstance(error, NewConnectionError):
             # MaxRetryError keeps requests' mapping: it surfaces as requests.ConnectTimeout.
             raise MaxRetryError(_pool, url, error) from error
@@ -165,6 +171,10 @@ class HttpTransport(GpuTransport):
     def health(self) -> dict:
         return self._request("GET", "/api/health")
 
+    def probe(self) -> dict:
+        # The breaker's half-open trial: health answers from cached probes, so 2 s is plenty.
+        return self._request("GET", "/api/health", read_timeout=min(self.settings.read_timeout, PROBE_READ_TIMEOUT))
+
     def list_models(self) -> list[dict]:
         body = self._request("GET", "/api/models")
         models = body.get("models")
@@ -177,8 +187,57 @@ class HttpTransport(GpuTransport):
         return self._request("POST", f"/api/models/{self._model_path(model)}")
 
     def pull_and_wait(self, model: str) -> dict:
-        return self._request("POST", f"/api/models/{self._model_path(model)}", params={"wait": "true"},
-                             read_timeout=self.settings.pull_timeout)
+        """Start the pull, then poll its job: no request (and no thread of the GPU server) is held
+        for the whole pull, and a slow pull that makes progress is never a read timeout."""
+        job = self.start_pull(model)
+        job.pop("joined", None)
+        return self.wait_job(job)
+
+    def wait_job(self, job: dict) -> dict:
+        """Poll a job until it is finished; raise its error as ``?wait=true`` would.
+
+        The same limits as over NFS: GPU_BRIDGE_PULL_TIMEOUT without progress, and
+        GPU_BRIDGE_PULL_DEADLINE in all when set. A poll that fails (the host restarting, a dropped
+        connection) is retried until the no-progress limit, then its error is raised."""
+        label, job_id = self.host.label, job["id"]
+        stall, total = self.settings.pull_timeout, self.settings.pull_deadline
+        started = last_change = time.monotonic()
+        key: tuple | None = None
+        poll_error: GpuHostError | None = None
+        while True:
+            state = job.get("state")
+            if state == "succeeded":
+                return job
+            if state in ("failed", "cancelled"):
+                raise self._job_error(job)
+            now = time.monotonic()
+            new_key = (state, job.get("completed"), job.get("total"), job.get("status"))
+            if new_key != key:
+                key, last_change = new_key, now
+            if now - last_change > stall:
+                if poll_error is not None:
+                    poll_error.extra.setdefault("job", job)
+                    raise poll_error
+                raise PullStalled(f"{label}: the pull of {job.get('model')!r} (job {job_id}) made no progress for "
+                                  f"{stall:g} s (GPU_BRIDGE_PULL_TIMEOUT); last status: {job.get('status') or 'none'}",
+                                  host=label, extra={"job": job})
+            if total and now - started > total:
+                raise PullStalled(f"{label}: the pull of {job.get('model')!r} (job {job_id}) is still {state} after "
+                                  f"{total:g} s (GPU_BRIDGE_PULL_DEADLINE); it goes on on the host: follow it with "
+                                  f"GET /api/jobs/{job_id}", host=label, code="pull_deadline", extra={"job": job})
+            time.sleep(PULL_POLL_INTERVAL)
+            try:
+                job = self.get_job(job_id)
+                poll_error = None
+            except GpuHostError as exc:
+                poll_error = exc
+
+    def _job_error(self, job: dict) -> GpuBridgeError:
+        state = job.get("state")
+        code = job.get("error_code") or ("cancelled" if state == "cancelled" else "ollama_error")
+        cls = _CODE_TYPES.get(code, OllamaError)
+        return cls(f"{self.host.label}: {job.get('error') or f'pull {state}'}", host=self.host.label, code=code,
+                   extra={"job": job})
 
     def list_jobs(self) -> list[dict]:
         """All jobs the host remembers, newest first (not part of GpuTransport; the CLI uses it)."""

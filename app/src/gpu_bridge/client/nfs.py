@@ -142,9 +142,10 @@ class NfsTransport(GpuTransport):
     def wait_job(self, job: dict) -> dict:
         """Follow a job's progress file until it is terminal; raise its error like ``?wait=true`` does."""
         job_id = job["id"]
-        stall_limit = self.settings.client.pull_timeout
+        stall_limit, total = self.settings.client.pull_timeout, self.settings.client.pull_deadline
         poll = max(self.nfs.poll_interval, 0.05)
         key, last_change = None, time.monotonic()
+        started = last_change
         next_beat_check, down_since = 0.0, None
         while True:
             doc = self._read_progress(job_id)
@@ -163,6 +164,10 @@ class NfsTransport(GpuTransport):
                 if new_key != key:
                     key, last_change = new_key, time.monotonic()
             now = time.monotonic()
+            if total and now - started > total:
+                raise PullStalled(f"{self.label}: the pull of {job.get('model')!r} (job {job_id}) is unfinished after "
+                                  f"{total:g} s (GPU_BRIDGE_PULL_DEADLINE); it goes on on the host",
+                                  host=self.label, code="pull_deadline", extra={"job": job})
             if now - last_change > stall_limit:
                 raise PullStalled(f"{self.label}: the pull of {job.get('model')!r} (job {job_id}) made no progress "
                                   f"for {stall_limit:g} s (GPU_BRIDGE_PULL_TIMEOUT); last status: "
