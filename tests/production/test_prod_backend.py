@@ -143,6 +143,8 @@ def test_pull_failing_everywhere_answers_the_failure_status(made):
     assert body["code"] == "gpu_unreachable"
     assert body["hosts"] == [A, B]
     assert "failed on every GPU host" in body["error"]
+    for label in (A, B):  # each host named once, although the transport's messages start with it
+        assert body["error"].count(label) == 1, body["error"]
 
 
 def test_cancel_pull(made):

@@ -72,8 +72,14 @@ def _bool_field(body: dict, name: str, default: bool = False) -> bool:
     raise InvalidRequest(f"'{name}' must be true or false")
 
 
+def _host_error(label: str, result: dict) -> str:
+    """A host's error with its label once (transport messages already start with it)."""
+    error = str(result.get("error"))
+    return error if error.startswith(label) else f"{label}: {error}"
+
+
 def _all_failed(what: str, results: dict, summary: dict, extra: dict) -> tuple:
-    detail = "; ".join(f"{lbl}: {results[lbl].get('error')}" for lbl in summary["failed"])
+    detail = "; ".join(_host_error(lbl, results[lbl]) for lbl in summary["failed"])
     body = {"error": f"{what} failed on every GPU host: {detail}", "code": summary["code"],
             "hosts": summary["failed"], **extra}
     return jsonify(body), summary["status"]
@@ -146,7 +152,7 @@ def list_models():
     st.invalidate_listing()
     summary = summarize(statuses)
     if not fetched:
-        detail = "; ".join(f"{lbl}: {r.get('error')}" for lbl, r in statuses.items())
+        detail = "; ".join(_host_error(lbl, r) for lbl, r in statuses.items())
         resp = jsonify({"error": f"no GPU host answered and there is no cached model list yet: {detail}",
                         "code": summary["code"], "hosts": statuses})
         return resp, summary["status"]
