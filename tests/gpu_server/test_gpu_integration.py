@@ -33,9 +33,10 @@ def server_env(ollama_url: str, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def stack(module_emulator):
-    """Emulator + GPU server (stall timeout 1 s, rate limit off)."""
+    """Emulator + GPU server (stall timeout 1 s, rate limit off, room for 3 waiting callers)."""
     server = start_gunicorn(APP, server_env(module_emulator.url, GPU_BRIDGE_PULL_STALL_TIMEOUT=1,
-                                            GPU_BRIDGE_RATE_LIMIT_PER_MINUTE=0, GPU_BRIDGE_MAX_BODY_BYTES=2048),
+                                            GPU_BRIDGE_RATE_LIMIT_PER_MINUTE=0, GPU_BRIDGE_MAX_BODY_BYTES=2048,
+                                            GPU_BRIDGE_MAX_WAITING_PULLS=3),
                             probe="/api/health", name="gpu-server")
     yield module_emulator, server
     server.stop()

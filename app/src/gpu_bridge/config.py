@@ -81,6 +81,17 @@ def env_list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tup
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def token_lines(secret: str | None) -> tuple[str, ...]:
+    """The tokens in a token secret: one per line (blank lines and ``#`` comments skipped).
+
+    A GPU server accepts every token listed; a client sends the first and tries the others when a
+    host refuses it. Two lines during a rotation (new, then old) keep every request working while
+    hosts and backends switch one at a time (README, "Rotating the API token")."""
+    if not secret:
+        return ()
+    return tuple(line.strip() for line in secret.splitlines() if line.strip() and not line.strip().startswith("#"))
+
+
 def read_secret(env: Mapping[str, str], file_var: str, value_var: str, credential: str) -> str | None:
     """A secret from, in order: ``<file_var>``, ``<value_var>``, systemd's credentials directory."""
     path = _get(env, file_var)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import threading
 import time
 from urllib.parse import quote
 
@@ -30,7 +31,7 @@ from urllib3.exceptions import (
 from urllib3.util.retry import Retry
 
 from .. import __version__, names
-from ..config import ClientSettings, GpuHost
+from ..config import ClientSettings, GpuHost, token_lines
 from ..errors import (
     ConfigError,
     Conflict,
@@ -160,11 +161,16 @@ class HttpTransport(GpuTransport):
         self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = f"gpu-bridge-client/{__version__}"
         self.session.headers["Accept"] = "application/json"
-        if self.settings.api_token:
-            if not self.settings.api_token.isascii() or not self.settings.api_token.isprintable():
+        # Several tokens (one per line) during a rotation: the first is sent; when the host refuses it,
+        # the others are tried and the one it accepts is kept for this host.
+        self.tokens = token_lines(self.settings.api_token)
+        for token in self.tokens:
+            if not token.isascii() or not token.isprintable():
                 raise ConfigError("GPU_BRIDGE_API_TOKEN holds characters that cannot travel in an HTTP header: use "
                                   "printable ASCII")
-            self.session.headers["Authorization"] = f"Bearer {self.settings.api_token}"
+        if self.tokens:
+            self.session.headers["Authorization"] = f"Bearer {self.tokens[0]}"
+        self._token_lock = threading.Lock()
         self.last_latency_ms: float | None = None
 
     # --- GpuTransport ------------------------------------------------------------------------
@@ -293,6 +299,8 @@ class HttpTransport(GpuTransport):
         try:
             resp = self.session.request(method, self.base_url + path, params=params, headers=headers,
                                         timeout=timeout, allow_redirects=False)
+            if resp.status_code == 401 and len(self.tokens) > 1:
+                resp = self._with_another_token(resp, method, path, params, headers, timeout)
         except requests.RequestException as exc:
             raise self._classify(exc, method, path, timeout) from None
         self.last_latency_ms = round((time.monotonic() - started) * 1000, 1)
@@ -304,6 +312,24 @@ class HttpTransport(GpuTransport):
                                            for h in retries.history):
                 exc.retried = True  # an earlier attempt reached the host and may already have done the work
             raise
+
+    def _with_another_token(self, refused: requests.Response, method: str, path: str, params: dict | None,
+                            headers: dict, timeout: tuple[float, float]) -> requests.Response:
+        """The host refused our token (a 401 is answered before anything is done, so resending is
+        safe): try the other tokens; keep the first one it accepts."""
+        sent = self.session.headers.get("Authorization")
+        for token in self.tokens:
+            auth = f"Bearer {token}"
+            if auth == sent:
+                continue
+            resp = self.session.request(method, self.base_url + path, params=params,
+                                        headers={**headers, "Authorization": auth}, timeout=timeout,
+                                        allow_redirects=False)
+            if resp.status_code != 401:
+                with self._token_lock:
+                    self.session.headers["Authorization"] = auth
+                return resp
+        return refused
 
     def _decode(self, resp: requests.Response, method: str, path: str) -> dict:
         label = self.host.label
@@ -325,7 +351,11 @@ class HttpTransport(GpuTransport):
         code = body.get("code") if body else None
         message = (body.get("error") if body else None) or f"HTTP {status} {resp.reason or ''}".strip()
         if status == 401:
-            if self.settings.api_token:
+            if len(self.tokens) > 1:
+                return GpuHostUnauthorized(f"all {len(self.tokens)} tokens rejected by {label}: one line of "
+                                           "GPU_BRIDGE_API_TOKEN(_FILE) must match a token of the GPU host's",
+                                           host=label)
+            if self.tokens:
                 return GpuHostUnauthorized(f"token rejected by {label}: GPU_BRIDGE_API_TOKEN must match the "
                                            "GPU host's", host=label)
             return GpuHostUnauthorized(f"{label} requires a token: set GPU_BRIDGE_API_TOKEN or "

@@ -24,7 +24,7 @@ from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
-from ..config import GpuServerSettings
+from ..config import GpuServerSettings, token_lines
 from ..errors import ConfigError, GpuBridgeError, RateLimited, Unauthorized
 from ..jobs import JobManager
 from ..ollama import OllamaAdapter
@@ -66,7 +66,7 @@ class ServerState:
     metrics: Metrics
     gpu: GpuProbe
     limiter: TokenBucket
-    token: bytes | None
+    tokens: tuple[bytes, ...]  # every accepted token (one per line of the token file); empty: no auth
     ollama_probe: OllamaProbe
     started: float = field(default_factory=time.monotonic)
     # ?wait=true holds a gunicorn thread for a whole pull: at most max_waiting_pulls at once, so
@@ -155,7 +155,7 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
                       on_change=metrics.job_changed)
     state = ServerState(settings=settings, adapter=adapter, jobs=jobs, metrics=metrics, gpu=GpuProbe(),
                         limiter=TokenBucket(settings.rate_limit_per_minute),
-                        token=settings.api_token.encode("utf-8") if settings.api_token else None,
+                        tokens=tuple(t.encode("utf-8") for t in token_lines(settings.api_token)),
                         ollama_probe=OllamaProbe(adapter, probe_read_timeout(settings)))
     state_box["state"] = state
     app.extensions[EXTENSION] = state
@@ -182,7 +182,7 @@ def _install_hooks(app: Flask, state: ServerState) -> None:
 
     @app.before_request
     def _authenticate() -> None:
-        if state.token is None:  # GPU_BRIDGE_ALLOW_NO_TOKEN=true, warned about at start
+        if not state.tokens:  # GPU_BRIDGE_ALLOW_NO_TOKEN=true, warned about at start
             return
         if request.endpoint in OPEN_ENDPOINTS or (request.endpoint == "api.metrics" and state.settings.metrics_public):
             return
@@ -191,7 +191,12 @@ def _install_hooks(app: Flask, state: ServerState) -> None:
         if scheme.lower() != "bearer" or not given:
             raise Unauthorized("authentication required: send 'Authorization: Bearer <token>'")
         # Compare bytes: compare_digest on a non-ASCII str raises TypeError (a 500, and a timing leak).
-        if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), state.token):
+        # Every accepted token is compared (no early exit): the time does not say which one matched.
+        presented = given.encode("utf-8", "surrogatepass")
+        matched = False
+        for token in state.tokens:
+            matched |= hmac.compare_digest(presented, token)
+        if not matched:
             raise Unauthorized("invalid bearer token")
 
     @app.after_request
