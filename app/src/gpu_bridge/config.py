@@ -23,6 +23,7 @@ DEFAULT_DATABASE_URL = "sqlite:////var/lib/gpu-bridge/backend.db"
 # systemd LoadCredential= exposes secrets under $CREDENTIALS_DIRECTORY/<name>; the roles use these names.
 API_TOKEN_CREDENTIAL = "api-token"  # noqa: S105 - a file name, not a secret
 BACKEND_TOKEN_CREDENTIAL = "backend-token"  # noqa: S105
+CLIENT_KEY_CREDENTIAL = "client-key"  # the backend's TLS client key (mutual TLS with the GPU hosts)
 
 
 def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -112,6 +113,37 @@ def read_secret(env: Mapping[str, str], file_var: str, value_var: str, credentia
             raise ConfigError(f"{file_var}: {path} is empty")
         return secret
     return _get(env, value_var)
+
+
+def _readable_file(env: Mapping[str, str], name: str) -> str | None:
+    path = _get(env, name)
+    if path is not None:
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def tls_client_files(env: Mapping[str, str]) -> tuple[str | None, str | None, str | None]:
+    """(CA bundle, client certificate, client key) for https towards the GPU hosts.
+
+    The key comes from ``GPU_BRIDGE_CLIENT_KEY_FILE``, else from systemd's credentials directory
+    (``client-key``, how the roles deliver it), else from the certificate file itself (a PEM with both).
+    """
+    ca_file = _readable_file(env, "GPU_BRIDGE_GPU_CA_FILE")
+    cert_file = _readable_file(env, "GPU_BRIDGE_CLIENT_CERT_FILE")
+    key_file = _readable_file(env, "GPU_BRIDGE_CLIENT_KEY_FILE")
+    if key_file is None and cert_file is not None:
+        cred_dir = _get(env, "CREDENTIALS_DIRECTORY")
+        candidate = os.path.join(cred_dir, CLIENT_KEY_CREDENTIAL) if cred_dir else None
+        if candidate and os.path.exists(candidate):
+            key_file = candidate
+    if key_file is not None and cert_file is None:
+        raise ConfigError("GPU_BRIDGE_CLIENT_KEY_FILE is set but GPU_BRIDGE_CLIENT_CERT_FILE is not: a client key "
+                          "needs its certificate")
+    return ca_file, cert_file, key_file
 
 
 def split_host_port(entry: str, default_port: int) -> tuple[str, int]:
@@ -229,6 +261,11 @@ class ClientSettings:
     transport: str = "http"
     fanout_deadline: float = 2.5
     pull_deadline: float = 0.0
+    # TLS towards the GPU hosts (https): the CA bundle that signed their certificates (None: the
+    # system's bundle), and this client's certificate and key for mutual TLS (None: no certificate).
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
@@ -236,6 +273,7 @@ class ClientSettings:
         transport = env_str(env, "GPU_BRIDGE_TRANSPORT", "http").lower()
         if transport not in ("http", "nfs"):
             raise ConfigError(f"GPU_BRIDGE_TRANSPORT={transport!r} must be http or nfs")
+        ca_file, cert_file, key_file = tls_client_files(env)
         return cls(
             hosts=parse_gpu_hosts(env),
             api_token=read_secret(env, "GPU_BRIDGE_API_TOKEN_FILE", "GPU_BRIDGE_API_TOKEN", API_TOKEN_CREDENTIAL),
@@ -248,6 +286,9 @@ class ClientSettings:
             transport=transport,
             fanout_deadline=env_float(env, "GPU_BRIDGE_FANOUT_DEADLINE", 2.5, minimum=0.05),
             pull_deadline=env_float(env, "GPU_BRIDGE_PULL_DEADLINE", 0.0, minimum=0.0),
+            ca_file=ca_file,
+            client_cert_file=cert_file,
+            client_key_file=key_file,
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import ssl
 import threading
 import time
 from urllib.parse import quote
@@ -85,6 +86,8 @@ _CODE_TYPES: dict[str, type[GpuBridgeError]] = {
 # (and count against the host's circuit breaker). A failed *job* (stall, Ollama error while pulling)
 # is an outcome of that pull, not a sick host, and keeps its own type.
 _HOST_DOWN_CODES = {"ollama_unavailable", "ollama_timeout"}
+# Codes the GPU host's TLS proxy answers with (roles/gpu_http_server/templates/nginx-gpu-bridge.conf.j2).
+_TLS_CLIENT_CODES = {"client_certificate_required", "client_certificate_invalid"}
 PROBE_READ_TIMEOUT = 2.0
 PULL_POLL_INTERVAL = 0.25  # seconds between polls of a job someone waits for
 
@@ -159,6 +162,13 @@ class HttpTransport(GpuTransport):
                               pool_maxsize=16)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        # TLS (GPU_BRIDGE_GPU_SCHEME=https): verify the host against our CA bundle, never the
+        # environment's (trust_env is off), and present our certificate for mutual TLS.
+        if self.settings.ca_file:
+            self.session.verify = self.settings.ca_file
+        if self.settings.client_cert_file:
+            self.session.cert = ((self.settings.client_cert_file, self.settings.client_key_file)
+                                 if self.settings.client_key_file else self.settings.client_cert_file)
         self.session.headers["User-Agent"] = f"gpu-bridge-client/{__version__}"
         self.session.headers["Accept"] = "application/json"
         # Several tokens (one per line) during a rotation: the first is sent; when the host refuses it,
@@ -350,6 +360,18 @@ class HttpTransport(GpuTransport):
         label, status = self.host.label, resp.status_code
         code = body.get("code") if body else None
         message = (body.get("error") if body else None) or f"HTTP {status} {resp.reason or ''}".strip()
+        if code in _TLS_CLIENT_CODES:
+            # The GPU host's TLS proxy (nginx) refused our client certificate: configuration, not a
+            # sick host, so it never counts against the breaker (like a refused token).
+            have = "presented no client certificate" if not self.settings.client_cert_file else \
+                "presented a client certificate it does not accept"
+            return GpuHostUnauthorized(f"{label} requires mutual TLS and this client {have}: set "
+                                       "GPU_BRIDGE_CLIENT_CERT_FILE and GPU_BRIDGE_CLIENT_KEY_FILE to a certificate "
+                                       "signed by the CA the GPU host trusts (gpu_http_server_tls_client_ca)",
+                                       host=label)
+        if code == "tls_required":
+            return GpuHostError(f"{label} speaks TLS on port {self.host.port}: set GPU_BRIDGE_GPU_SCHEME=https",
+                                host=label)
         if status == 401:
             if len(self.tokens) > 1:
                 return GpuHostUnauthorized(f"all {len(self.tokens)} tokens rejected by {label}: one line of "
@@ -416,9 +438,8 @@ class HttpTransport(GpuTransport):
         if seen(NewConnectionError) and _is_refused(cause):
             return GpuHostUnreachable(f"{label} refused the connection: is gpu-http-server.service running?",
                                       host=label)
-        if isinstance(exc, requests.exceptions.SSLError):
-            return GpuHostUnreachable(f"TLS handshake with {label} failed: check GPU_BRIDGE_GPU_SCHEME and the "
-                                      "host's certificate", host=label)
+        if isinstance(exc, requests.exceptions.SSLError) or seen(ssl.SSLError):
+            return self._tls_error(exc, chain)
         if seen(NewConnectionError):
             return GpuHostUnreachable(f"cannot connect to {label}: {cause}", host=label)
         if isinstance(exc, requests.exceptions.ChunkedEncodingError | requests.ConnectionError):
@@ -426,6 +447,27 @@ class HttpTransport(GpuTransport):
             return GpuHostError(f"{label} closed the connection during {method} {path}: check "
                                 "gpu-http-server.service's log on that host", host=label)
         return GpuHostError(f"request to {label} failed: {type(exc).__name__}: {exc}", host=label)
+
+    def _tls_error(self, exc: requests.RequestException, chain: list[BaseException]) -> GpuHostError:
+        label = self.host.label
+        text = " ".join(str(c) for c in chain)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "doesn't match" in text or "Hostname mismatch" in text:
+            where = f"the CA bundle {self.settings.ca_file}" if self.settings.ca_file else "the system's CA bundle"
+            reason = next((c.verify_message for c in chain if getattr(c, "verify_message", None)), None)
+            return GpuHostUnreachable(f"cannot verify {label}'s TLS certificate against {where}"
+                                      f"{f' ({reason})' if reason else ''}: GPU_BRIDGE_GPU_CA_FILE must name the CA "
+                                      f"that signed it, and the certificate must name {self.host.name!r}", host=label)
+        if "CERTIFICATE_REQUIRED" in text or "certificate required" in text or "UNKNOWN_CA" in text \
+                or "BAD_CERTIFICATE" in text or "bad certificate" in text:
+            return GpuHostUnauthorized(f"{label} refused this client's TLS certificate: set "
+                                       "GPU_BRIDGE_CLIENT_CERT_FILE and GPU_BRIDGE_CLIENT_KEY_FILE to a certificate "
+                                       "signed by the CA the GPU host trusts", host=label)
+        if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text or "record layer failure" in text:
+            return GpuHostUnreachable(f"{label} does not speak TLS on port {self.host.port}: check "
+                                      "GPU_BRIDGE_GPU_SCHEME (https needs the TLS proxy on the GPU host)", host=label)
+        return GpuHostUnreachable(f"TLS with {label} failed ({type(chain[-1]).__name__}: {chain[-1]}): check "
+                                  "GPU_BRIDGE_GPU_SCHEME, GPU_BRIDGE_GPU_CA_FILE and the client certificate",
+                                  host=label)
 
     def __repr__(self) -> str:
         return f"<HttpTransport {self.base_url}>"
