@@ -67,3 +67,80 @@ def test_without_json_the_output_is_for_people(argv):
 def test_json_in_the_wrong_place_of_a_server_command_is_still_a_usage_error():
     r = run_cli("serve-gpu", "--json")
     assert r.returncode == 2 and "unrecognized arguments: --json" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- tokens never go on the command line (issue 14, row 12) -------------------------------------------
+SECRET = "s3cret-token-that-must-not-echo"  # noqa: S105 - a test value
+
+
+@pytest.mark.parametrize("argv", [
+    ["--token", SECRET, "models", "list"],
+    ["models", "list", "--token", SECRET],
+    ["models", "pull", "llama3.2", f"--token={SECRET}"],
+    ["jobs", "--token", SECRET],
+    ["health", "--url", "http://127.0.0.1:9", "--token", SECRET],
+])
+def test_token_on_the_command_line_is_refused_with_one_line(argv):
+    r = run_cli(*argv)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("gpu-bridge: error: --token is refused")
+    for hint in ("--token-file", "GPU_BRIDGE_BACKEND_TOKEN(_FILE)", "GPU_BRIDGE_API_TOKEN(_FILE)"):
+        assert hint in r.stderr
+    assert SECRET not in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_help_offers_token_file_and_not_token():
+    r = run_cli("models", "list", "--help")
+    assert "--token-file PATH" in r.stdout
+    assert "--token " not in r.stdout.replace("--token-file", "")
+
+
+@pytest.mark.parametrize(("content", "fragment"), [(None, "cannot read"), ("", "is empty"), (b"\xff\xfe", "UTF-8")])
+def test_unusable_token_file_is_one_line(tmp_path, content, fragment):
+    path = tmp_path / "token"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    from gpu_bridge.cli_ops import read_token_file
+    from gpu_bridge.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        read_token_file(str(path))
+    assert fragment in info.value.message and "--token-file" in info.value.message
+
+
+@pytest.mark.integration
+def test_token_file_authenticates_against_a_gpu_server(tmp_path):
+    """A real GPU server under gunicorn: the token from --token-file is accepted, a wrong one refused,
+    and no environment token is needed."""
+    import os
+
+    from support.procs import VENV_BIN, start_emulator, start_gunicorn
+
+    token = "cli-token-file-test-token-0123456789abcdef"  # noqa: S105
+    emulator = start_emulator()
+    server = start_gunicorn("gpu_bridge.gpu_server:create_app()",
+                            {"GPU_BRIDGE_API_TOKEN": token, "GPU_BRIDGE_OLLAMA_URL": emulator.url},
+                            probe="/api/health", name="gpu-server-cli-token")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GPU_BRIDGE_") and k != "CREDENTIALS_DIRECTORY"}
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text(token + "\n")
+    bad.write_text("not-the-token\n")
+    try:
+        def cli(*args):
+            return subprocess.run([str(VENV_BIN / "gpu-bridge"), *args], capture_output=True, text=True,
+                                  timeout=60, check=False, env=clean)
+
+        ok = cli("--json", "models", "list", "--url", server.url, "--token-file", str(good))
+        assert ok.returncode == 0, ok.stderr
+        assert "models" in ok.stdout
+        refused = cli("models", "list", "--url", server.url, "--token-file", str(bad))
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+        assert "not-the-token" not in refused.stderr
+    finally:
+        server.stop()
+        emulator.stop()

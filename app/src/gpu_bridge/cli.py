@@ -27,10 +27,29 @@ HANDLERS = {
 }
 
 
+REFUSED_TOKEN_OPTION = ("--token is refused: a token on the command line is visible to every user in `ps`; use "  # noqa: S105 - a message
+                         "--token-file PATH, or GPU_BRIDGE_BACKEND_TOKEN(_FILE) / GPU_BRIDGE_API_TOKEN(_FILE)")
+
+
+class _RefuseToken(argparse.Action):
+    """``--token VALUE``: exit 2 with one line, before anything else runs (the value is never printed)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"gpu-bridge: error: {REFUSED_TOKEN_OPTION}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _refuse_token(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", action=_RefuseToken, help=argparse.SUPPRESS)
+
+
 def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="backend or GPU server URL (default: $GPU_BRIDGE_URL, else http://127.0.0.1:8000)")
-    p.add_argument("--token", help="bearer token (default: from $GPU_BRIDGE_BACKEND_TOKEN(_FILE) or "
-                                   "$GPU_BRIDGE_API_TOKEN(_FILE))")
+    p.add_argument("--token-file", metavar="PATH",
+                   help="file holding the bearer token (default: $GPU_BRIDGE_BACKEND_TOKEN(_FILE) for a backend, "
+                        "$GPU_BRIDGE_API_TOKEN(_FILE) for a GPU server, else systemd's credentials directory); "
+                        "tokens never go on the command line")
+    _refuse_token(p)
     # SUPPRESS: when absent here, the value set before the command (``gpu-bridge --json models list``) stays.
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts")
     p.add_argument("--timeout", type=float, default=30.0, help="read timeout in seconds (default 30)")
@@ -41,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpu-bridge {__version__}")
     parser.add_argument("--json", action="store_true",
                         help="print JSON for scripts (models, jobs, health; also accepted after the command)")
+    _refuse_token(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("serve-gpu", help="run the GPU HTTP server under gunicorn")

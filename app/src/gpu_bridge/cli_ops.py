@@ -265,7 +265,7 @@ class BackendClient:
         except ValueError:
             data = None
         if r.status_code == 401:
-            raise GpuBridgeError(f"the backend at {self.url} refused the admin token: pass --token or set "
+            raise GpuBridgeError(f"the backend at {self.url} refused the admin token: pass --token-file or set "
                                  "GPU_BRIDGE_BACKEND_TOKEN(_FILE) to the backend's token", code="unauthorized",
                                  status=401)
         if not isinstance(data, dict):
@@ -292,6 +292,23 @@ def _gpu_transport(url: str, token: str | None, timeout: float):
     return HttpTransport(host, settings)
 
 
+def read_token_file(path: str | None) -> str | None:
+    """``--token-file PATH``: the token it holds (None without the option). Tokens never travel on the
+    command line, where every user sees them in ``ps``; a file, the environment or credentials do."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"--token-file: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--token-file: {path} is not UTF-8 text") from None
+    if not token:
+        raise ConfigError(f"--token-file: {path} is empty")
+    return token
+
+
 class _Ctx:
     def __init__(self, args):
         self.args = args
@@ -300,7 +317,7 @@ class _Ctx:
         self.kind = detect(self.url, self.timeout)
         self.json = bool(getattr(args, "json", False))
         self.out = sys.stdout
-        token = getattr(args, "token", None)
+        token = read_token_file(getattr(args, "token_file", None))
         if self.kind == "gpu":
             self.gpu = _gpu_transport(self.url, token, self.timeout)
             self.backend = None
