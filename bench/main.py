@@ -15,7 +15,7 @@ from pathlib import Path
 
 from faultproxy import FaultProxy
 
-from bench import REPO
+from bench import REPO, fleet
 from bench.load import WRK, run_load
 from bench.measure import HttpClient, RssSampler, median, run_closed_loop, summary
 from bench.procs import Stack, auth
@@ -31,6 +31,7 @@ STALL_TIMEOUT_S = 2.0
 GPU_P50_TARGET = 1.5  # GPU server p50 <= 1.5 x the floor
 NFS_P50_TARGET_MS = 200.0
 HEALTH_RPS_TARGET = 1500.0
+FANOUT_DEADLINE_S = 2.5  # GPU_BRIDGE_FANOUT_DEADLINE's default
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class HardLimit(Exception):
     pass
 
 
+class _Done(Exception):
+    """--only: the chosen section is done."""
+
+
 def _alarm(_signum, _frame):
     raise HardLimit("the benchmark ran past its hard time limit; processes are being stopped")
 
@@ -78,6 +83,9 @@ def parse_args(argv):
     p.add_argument("--out", default=str(REPO / "bench-results.json"), help="JSON output (default bench-results.json)")
     p.add_argument("--ollama-latency-ms", type=float, default=0.0,
                    help="emulator delay before every Ollama answer (default 0: the floor is pure overhead)")
+    p.add_argument("--only", choices=("fleet",),
+                   help="run one section only: fleet (backend fan-out with N hosts, a hung host, health under "
+                        "waiting pulls, waited pulls; about 1.5 minutes, quick about 40 s)")
     return p.parse_args(argv)
 
 
@@ -97,19 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     rounds = max(1, min(args.rounds or profile.rounds, 5))
     started = time.monotonic()
     signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(profile.hard_limit_s + (rounds - profile.rounds) * 60)
+    fleet_allowance = (fleet.FLEET_QUICK if args.quick else fleet.FLEET_FULL).allowance_s
+    if args.only == "fleet":
+        signal.alarm(fleet_allowance + 30)
+    else:
+        signal.alarm(profile.hard_limit_s + (rounds - profile.rounds) * 60 + fleet_allowance)
     budget = Budget(profile.budget_s + (rounds - profile.rounds) * 60)
     results: dict = {"meta": {"quick": args.quick, "rounds": rounds, "cpus": os.cpu_count(), "cpu": _cpu_model(),
                               "python": platform.python_version(), "kernel": platform.release(),
                               "load_tool": "wrk" if WRK else "python (wrk missing: lower bounds)",
                               "ollama_latency_ms": args.ollama_latency_ms,
                               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "loadavg_before": round(os.getloadavg()[0], 2)}}
+                              "loadavg_before": round(os.getloadavg()[0], 2), "only": args.only}}
     stack = Stack()
     tap_proxy = None
     sampler = None
     code = 0
     try:
+        if args.only == "fleet":
+            results["fleet"] = fleet.run(stack, args.quick)
+            raise _Done
         env = _start(stack, args)
         tap_proxy = env["tap_proxy"]
         sampler = RssSampler({"GPU server": env["gpu"], "backend (HTTP transport)": env["b0"],
@@ -127,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
                              "note": "idle: after start-up and one listing each; under load: peak sampled every "
                                      "0.1 s during the latency, throughput and pull measurements"}
         results["targets"] = _targets(results)
+        sampler.stop()
+        for proc in list(stack.procs):  # the fleet section starts its own processes: stop the others first
+            stack.stop(proc)
+        results["fleet"] = fleet.run(stack, args.quick)
+        results["targets"] += _fleet_targets(results["fleet"])
+    except _Done:
+        results["targets"] = _fleet_targets(results["fleet"])
     except HardLimit as exc:
         print(f"scripts/bench: {exc}", file=sys.stderr)
         code = 1
@@ -142,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         if tap_proxy is not None:
             tap_proxy.stop()
         stack.close()
-    results["deployment"] = MOLECULE_PLACEHOLDER
+    if not args.only:
+        results["deployment"] = MOLECULE_PLACEHOLDER
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
     results["meta"]["loadavg_after"] = round(os.getloadavg()[0], 2)
     print(render(results))
@@ -390,6 +413,31 @@ def _targets(results: dict) -> list[dict]:
         out.append({"target": f"GPU /api/health >= {HEALTH_RPS_TARGET:g} req/s on {os.cpu_count()} cores",
                     "measured": f"{best['rps']:.0f} req/s ({best['threads']} threads, {best['connections']} conns)",
                     "met": best["rps"] >= HEALTH_RPS_TARGET, "comment": comment})
+    return out
+
+
+def _fleet_targets(f: dict) -> list[dict]:
+    out = []
+    hung = [r for r in f["hung"]["rows"] if not r["settings"]]
+    if hung:
+        worst = max(max(r["first_s"], r["max_s"]) for r in hung)
+        out.append({"target": f"listing with a hung host <= deadline + 0.5 s ({FANOUT_DEADLINE_S + 0.5:g} s)",
+                    "measured": ", ".join(f"{r['case']}: first {r['first_s']:.2f} s, max {r['max_s']:.2f} s"
+                                          for r in hung),
+                    "met": worst <= FANOUT_DEADLINE_S + 0.5,
+                    "comment": "deployed settings; every listing waits the deadline while the hung host's call "
+                               "is in flight"})
+    h = f["health"]
+    out.append({"target": f"/api/health p99 under {fleet.WAITERS} waiting pulls stays fast (< 100 ms)",
+                "measured": f"{h['waiting']['p99_ms']:.1f} ms ({h['ratio_p99']:.1f}x idle p99 "
+                            f"{h['idle']['p99_ms']:.1f} ms)",
+                "met": h["waiting"]["p99_ms"] < 100 and not h["waiting"]["errors"],
+                "comment": "answers to the waits: " + ", ".join(f"{k}: {v}" for k, v in
+                                                                 sorted(h["wait_answers"].items()))})
+    p = f["pulls"]
+    out.append({"target": "waited pull through the backend (polling) <= 1.15x direct ?wait=true",
+                "measured": f"{p['ratio']:.2f}x ({p['backend_s']:.2f} s vs {p['direct_s']:.2f} s)",
+                "met": p["ratio"] <= 1.15, "comment": "the backend polls the job every 0.25 s"})
     return out
 
 

@@ -85,13 +85,54 @@ def render(results: dict) -> str:
         rows = [[s["path"], s["configured_s"], s["detected_s"], s["error_code"] or "-"] for s in pulls["stall"]]
         parts.append(table("Stalled pull: last byte from Ollama -> the client sees the job failed (s)",
                            ["path", "configured", "detected", "error_code"], rows))
-    parts.append(table("Deployment (molecule lab, Docker; not run by this benchmark)", ["figure", "value"],
-                       [["deploy / converge / idempotence times", MOLECULE_PLACEHOLDER]]))
+    fleet = results.get("fleet")
+    if fleet:
+        parts.extend(_fleet(fleet))
+    if "deployment" in results:
+        parts.append(table("Deployment (molecule lab, Docker; not run by this benchmark)", ["figure", "value"],
+                           [["deploy / converge / idempotence times", MOLECULE_PLACEHOLDER]]))
     targets = results.get("targets")
     if targets:
         rows = [[t["target"], t["measured"], "MET" if t["met"] else "NOT MET", t.get("comment", "")] for t in targets]
         parts.append(table("Targets", ["target", "measured", "verdict", "comment"], rows))
     return "\n".join(parts)
+
+
+def _fleet(f: dict) -> list[str]:
+    parts = []
+    sc = f["scale"]
+    rows = [[r["hosts"], r["p50_ms"], r["p95_ms"], _fmt(r["backend_cpu_ms"], 2), _fmt(r["backend_cpu_ms_per_host"], 2),
+             f"{r['backend_cpu_share'] * 100:.0f}%", _fmt(r["hosts_cpu_ms"], 2), r["n"], r["errors"]]
+            for r in sc["rows"]]
+    parts.append(table("Fleet: backend /config/models?refresh=true with N canned GPU hosts (ms; CPU ms per listing)",
+                       ["hosts", "p50", "p95", "backend CPU", "backend CPU / host", "backend busy", "hosts CPU", "n",
+                        "errors"], rows,
+                       f"backend CPU per listing = {_fmt(sc['backend_cpu_ms_fixed'], 2)} ms + "
+                       f"{_fmt(sc['backend_cpu_ms_per_host'], 2)} ms per host (least-squares line)\n" + sc["note"]))
+    rows = []
+    for r in f["hung"]["rows"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["hung_host_reasons"].items()))
+        rows.append([r["case"], r["calls"], *(_fmt(r[k], 3) for k in ("first_s", "p50_s", "min_s", "max_s")),
+                     r["over_3s"], r["failed"], reasons])
+    parts.append(table("Fleet: listing with one of N hosts hung (blackhole; seconds)",
+                       ["case", "calls", "first", "later p50", "later min", "later max", "> 3 s", "failed",
+                        "hung host reported as"], rows, f["hung"]["note"]))
+    h = f["health"]
+    rows = [["idle (baseline)", h["idle"]["p50_ms"], h["idle"]["p99_ms"], h["idle"]["max_ms"], h["idle"]["n"],
+             h["idle"]["errors"]],
+            [f"{sum(h['wait_answers'].values())} clients waiting (?wait=true)", h["waiting"]["p50_ms"],
+             h["waiting"]["p99_ms"], h["waiting"]["max_ms"], h["waiting"]["n"], h["waiting"]["errors"]]]
+    answers = ", ".join(f"{k}: {v}" for k, v in sorted(h["wait_answers"].items()))
+    parts.append(table("Fleet: GPU server /api/health while clients wait for pulls (ms)",
+                       ["condition", "p50", "p99", "max", "n", "errors"], rows,
+                       f"p99 waiting / idle: {_ratio(h['ratio_p99'])}; answers to the waits: {answers}; the refused "
+                       f"ones within {_fmt(h['refused_within_ms'])} ms\n" + h["note"]))
+    p = f["pulls"]
+    rows = [["GPU server ?wait=true (baseline)", _fmt(p["direct_s"], 3), "1.00x"],
+            ["backend wait: true (polls every 0.25 s)", _fmt(p["backend_s"], 3), _ratio(p["ratio"])]]
+    parts.append(table(f"Fleet: one waited pull, start to answer (s; transfer alone {p['ideal_s']:g} s)",
+                       ["path", "median", "x baseline"], rows, p["note"]))
+    return parts
 
 
 def _ratio(value) -> str:
