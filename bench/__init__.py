@@ -2,7 +2,8 @@
 
 Everything runs on this machine and talks only to 127.0.0.1: the Ollama emulator, the GPU server and
 the backend under gunicorn as deployed (one gthread worker), ``gpu-bridge nfs-worker`` on a temporary
-share, and a seed-style file-polling imitation. Every loop is bounded in count and time.
+share, and a seed-style file-polling imitation; the fleet section (bench/fleet.py) adds stand-in GPU hosts
+that answer from a canned body (bench/canned.py) and fault proxies. Every loop is bounded in count and time.
 """
 
 from __future__ import annotations
