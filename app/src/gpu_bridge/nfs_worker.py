@@ -33,6 +33,9 @@ Crash and restart semantics (the choice the issue asked for):
   moment of a SIGKILL can run a second time, and only those idempotent ones.
 * Pulls whose progress file is not terminal at start (the worker died or stopped mid-download) are
   re-submitted under the same job id, so a production ``pull_and_wait`` sees the pull continue.
+* systemd (``Type=notify``, ``WatchdogSec=``): ``READY=1`` once the first heartbeat is on the share,
+  ``WATCHDOG=1`` after every heartbeat written (``sdnotify.py``), ``STOPPING=1`` when it stops. A
+  heartbeat write that blocks or fails sends nothing, so systemd restarts a stuck worker.
 * SIGTERM/SIGINT: stop claiming, let running commands finish (unstarted ones stay in ``cur/`` and run
   after the restart), write progress of unfinished pulls ("resumes when the worker restarts"), write a
   final heartbeat with ``"state": "stopped"`` (production then reports the worker down at once), and
@@ -82,6 +85,7 @@ from .errors import (
     ModelNotFound,
 )
 from .jobs import check_free_space
+from .sdnotify import Notifier, watchdog_seconds
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +101,11 @@ class NfsWorker:
     """The worker for one host id. ``run()`` blocks until ``stop()`` (or a signal) and returns the exit code."""
 
     def __init__(self, nfs: NfsSettings, server: GpuServerSettings | None = None, *, adapter=None, jobs=None,
-                 wall=time.time):
+                 wall=time.time, notifier: Notifier | None = None):
         self.nfs = nfs
+        # systemd (Type=notify, WatchdogSec=): READY=1 once serving, WATCHDOG=1 with every heartbeat written
+        self._notifier = notifier if notifier is not None else Notifier.from_env()
+        self._ready_sent = False
         self._wall = wall  # the clock deadlines are judged by (tests give it an offset)
         self.server = server or GpuServerSettings()
         self.paths = spool.HostPaths(nfs.root, spool.check_host_id(nfs.host_id))
@@ -162,8 +169,11 @@ class NfsWorker:
         log.info("nfs-worker %s serving %s (share %s, poll %.3g s, heartbeat %.3g s, Ollama %s)",
                  self.boot, self.paths.host_id, self.nfs.root, self.nfs.poll_interval,
                  self.nfs.heartbeat_interval, self.server.ollama_url)
+        self._check_watchdog()
         try:
             self._write_heartbeat()
+            self._notifier.ready(f"serving {self.paths.host_id}")  # after the first heartbeat reached the share
+            self._ready_sent = True
             self._recover()
             self._housekeeping()
             self._loop()
@@ -240,6 +250,7 @@ class NfsWorker:
 
     def _shutdown(self) -> None:
         log.info("nfs-worker %s stopping", self.boot)
+        self._notifier.stopping()
         if self._pool is not None:
             # Commands already running finish and are answered; unstarted ones stay in cur/ for the restart.
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -274,7 +285,20 @@ class NfsWorker:
                "served": self._served, "pulls": self._jobs.counts() if self._jobs is not None else {}}
         before = self._wall()
         spool.write_json(self.paths.status_tmp, self.paths.heartbeat, doc)
+        if state == "running" and self._ready_sent:
+            # Only a heartbeat that reached the share feeds systemd's watchdog: a write that blocks
+            # (a hung NFS server, a FIFO) or fails stops the pings, and WatchdogSec= restarts the worker.
+            self._notifier.watchdog()
         self._measure_share_clock(before, self._wall())
+
+    def _check_watchdog(self) -> None:
+        """Warn when the unit's WatchdogSec= leaves too little room for the heartbeat interval."""
+        limit = watchdog_seconds()
+        if limit is not None and limit < 3 * self.nfs.heartbeat_interval:
+            log.warning("WatchdogSec=%g s is less than 3 heartbeat intervals (%g s, "
+                        "GPU_BRIDGE_NFS_HEARTBEAT_INTERVAL): one slow heartbeat write restarts the worker; "
+                        "raise gpu_http_server_nfs_watchdog_sec",
+                        limit, 3 * self.nfs.heartbeat_interval)
 
     # --- clocks ----------------------------------------------------------------------------------
     def _measure_share_clock(self, before: float, after: float) -> None:
