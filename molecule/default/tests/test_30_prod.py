@@ -13,6 +13,7 @@ from molecule_support import (
     main_pid,
     setting,
 )
+from molecule_support.tls import BACKEND_CA, BACKEND_CERT, BACKEND_KEY, https
 
 testinfra_hosts = ["prod_backends"]
 
@@ -68,12 +69,51 @@ def test_backend_health(host):
     assert r["status"] == 200, r
 
 
-def test_gpu_api_reachable_ollama_not(host, gpus):
+def test_tls_files(host):
+    for path, mode in ((BACKEND_CA, 0o644), (BACKEND_CERT, 0o644), (BACKEND_KEY, 0o600)):
+        f = host.file(path)
+        assert (f.user, f.group, f.mode) == ("root", "root", mode), path
+    env = host.file(f"{CONFIG_DIR}/backend.env").content_string
+    for line in ('GPU_BRIDGE_GPU_SCHEME="https"', f'GPU_BRIDGE_GPU_CA_FILE="{BACKEND_CA}"',
+                 f'GPU_BRIDGE_CLIENT_CERT_FILE="{BACKEND_CERT}"'):
+        assert line in env, env
+    assert "LoadCredential=client-key:" in host.file(f"/etc/systemd/system/{BACKEND_UNIT}").content_string
+
+
+def test_gpu_api_over_mutual_tls_ollama_not(host, gpus):
+    """With the backend's client certificate the GPU hosts answer; without one nginx refuses; Ollama
+    is not reachable from here at all."""
     for name in gpus:
-        r = http(host, "GET", f"http://{name}:{GPU_PORT}/api/health", timeout=5)
-        assert r["status"] == 200, (name, r)
+        r = https(host, "GET", name, GPU_PORT, "/api/health", ca=BACKEND_CA, cert=BACKEND_CERT, key=BACKEND_KEY)
+        assert r["status"] == 200 and r["body"]["ollama"]["reachable"] is True, (name, r)
+        r = https(host, "GET", name, GPU_PORT, "/api/health", ca=BACKEND_CA)
+        assert r["status"] == 403 and r["body"]["code"] == "client_certificate_required", (name, r)
         r = http(host, "GET", f"http://{name}:11434/api/version", timeout=5)
         assert r["status"] == 0, f"Ollama on {name} must be reachable on loopback only: {r}"
+
+
+def test_gpu_api_refuses_a_client_certificate_it_did_not_sign(host, gpus):
+    """A self-signed client certificate (not from the client CA) is refused too."""
+    key, cert = "/tmp/rogue-client.key", "/tmp/rogue-client.pem"
+    host.check_output("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=intruder "
+                      "-addext extendedKeyUsage=clientAuth -days 1 -keyout %s -out %s 2>/dev/null", key, cert)
+    try:
+        for name in gpus:
+            r = https(host, "GET", name, GPU_PORT, "/api/health", ca=BACKEND_CA, cert=cert, key=key)
+            assert r["status"] in (0, 403), (name, r)
+            if r["status"] == 403:
+                assert r["body"]["code"] == "client_certificate_invalid", (name, r)
+    finally:
+        host.run("rm -f %s %s", key, cert)
+
+
+def test_backend_lists_over_mutual_tls(host, gpus):
+    r = backend(host, "GET", "/config/models?refresh=true")
+    assert r["status"] == 200, r
+    assert r["body"]["stale"] is False, r
+    for label, entry in r["body"]["hosts"].items():
+        assert entry["ok"] is True, (label, entry)
+    assert len(r["body"]["hosts"]) == len(gpus), r
 
 
 def test_backend_rejects_bad_model_name(host):

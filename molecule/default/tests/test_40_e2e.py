@@ -9,11 +9,11 @@ from molecule_support import (
     VENV,
     backend,
     hosts_of,
-    http,
     list_pull_delete,
     main_pid,
     poll,
 )
+from molecule_support.tls import BACKEND_CA, BACKEND_CERT, BACKEND_KEY, https
 
 testinfra_hosts = ["prod_backends"]
 RESTART_DEADLINE = 10.0
@@ -62,7 +62,8 @@ def test_sigkill_restart_and_stale_cache(host, gpus):
 
         def state(g=gpu, n=name):
             pid = main_pid(g, HTTP_UNIT)
-            health = http(host, "GET", f"http://{n}:{GPU_PORT}/api/health", timeout=2)["status"]
+            health = https(host, "GET", n, GPU_PORT, "/api/health", ca=BACKEND_CA, cert=BACKEND_CERT, key=BACKEND_KEY,
+                           timeout=2)["status"]
             return pid, health
 
         poll(

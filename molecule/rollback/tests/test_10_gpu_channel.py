@@ -3,6 +3,7 @@
 
 import pytest
 from molecule_support import GPU_PORT, HTTP_UNIT, SHARE_ROOT, WORKER_UNIT, exposure, ipv4, listeners, setting
+from molecule_support.tls import GPU_UPSTREAM
 
 testinfra_hosts = ["gpu_servers"]
 
@@ -25,11 +26,12 @@ def test_units(host, channel):
 
 
 def test_listeners(host, channel):
-    """On the NFS channel the GPU API port is closed; the worker listens on nothing."""
+    """On the NFS channel the GPU API port is closed (nginx stopped too); the worker listens on nothing."""
     want = {"tcp://127.0.0.1:11434"}
     if channel == "http":
-        want.add(f"tcp://{ipv4(host)}:{GPU_PORT}")
+        want |= {f"tcp://{ipv4(host)}:{GPU_PORT}", f"tcp://{GPU_UPSTREAM}"}
     assert listeners(host) == want
+    assert host.service("nginx.service").is_running == (channel == "http")
 
 
 def test_spool_layout(host):

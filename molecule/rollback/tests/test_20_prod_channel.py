@@ -1,7 +1,8 @@
 """The production backend, per phase: its transport, and what it can reach."""
 
 import pytest
-from molecule_support import BACKEND_UNIT, CONFIG_DIR, GPU_PORT, VENV, http
+from molecule_support import BACKEND_UNIT, CONFIG_DIR, GPU_PORT, VENV
+from molecule_support.tls import BACKEND_CA, BACKEND_CERT, BACKEND_KEY, https
 
 testinfra_hosts = ["prod_backends"]
 
@@ -21,7 +22,8 @@ def test_backend_transport(host, channel):
 
 def test_gpu_http_only_on_http_channel(host, channel, gpus):
     for name in gpus:
-        r = http(host, "GET", f"http://{name}:{GPU_PORT}/api/health", timeout=5)
+        r = https(host, "GET", name, GPU_PORT, "/api/health", ca=BACKEND_CA, cert=BACKEND_CERT, key=BACKEND_KEY,
+                  timeout=5)
         assert (r["status"] == 200) == (channel == "http"), (name, r)
 
 
