@@ -9,7 +9,8 @@ It follows the wire format in shared/notes/ollama-api.md ("the note"), quirks in
 adapter meets them in tests before it meets a real Ollama. Routes that are not Ollama's live under
 ``/_emulator/`` (JSON, no auth, no Host check):
 
-    GET  /_emulator/stats    counters (requests, pulls, downloads started/cancelled/active, ...)
+    GET  /_emulator/stats    counters (requests, pulls, downloads started/cancelled/active, bytes
+                             downloaded: a resumed download adds only the bytes it had not fetched)
     GET  /_emulator/config   the current knobs
     POST /_emulator/config   merge knobs (see KNOB_DEFAULTS) and the actions ``add_remote``/``installed``
     POST /_emulator/reset    back to the startup state (flags + --config-json), counters zeroed
@@ -401,6 +402,7 @@ class Download:
         with self.state.lock:
             if self.cancel_event.is_set():
                 return  # cancelled meanwhile (perhaps by a reset): leave the state alone
+            self.state.stats["downloaded_bytes"] += max(0, new - self.completed[index])  # each byte fetched once
             self.completed[index] = new
             self.state.partials[item.digest] = new
             self.error = error
@@ -441,7 +443,7 @@ class EmulatorState:
             self.blobs = {item.digest for entry in self.installed.values() for item in entry.spec.layers}
             self.partials: dict[str, int] = {}
             self.stats = {"requests": 0, "pull_requests": 0, "downloads_started": {}, "cancelled_downloads": 0,
-                          "failed_downloads": 0, "completed_downloads": 0}
+                          "failed_downloads": 0, "completed_downloads": 0, "downloaded_bytes": 0}
             self.apply_config({key: value for key, value in self.startup_config.items() if key in ACTIONS},
                               save=False)
             self.knobs.update({key: value for key, value in self.startup_config.items() if key not in ACTIONS})

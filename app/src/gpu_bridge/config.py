@@ -189,6 +189,9 @@ class GpuServerSettings:
     metrics_public: bool = False
     log_health_checks: bool = False
     job_retention_seconds: float = 3600.0
+    # The job table on disk, so that a reload (SIGHUP) or a restart keeps pulls and their jobs
+    # (job_state.py); None: jobs live in memory only.
+    job_state_file: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GpuServerSettings:
@@ -211,6 +214,7 @@ class GpuServerSettings:
             metrics_public=env_bool(env, "GPU_BRIDGE_METRICS_PUBLIC", False),
             log_health_checks=env_bool(env, "GPU_BRIDGE_LOG_HEALTH_CHECKS", False),
             job_retention_seconds=env_float(env, "GPU_BRIDGE_JOB_RETENTION", 3600.0),
+            job_state_file=_get(env, "GPU_BRIDGE_JOB_STATE_FILE"),
         )
 
 

@@ -2,8 +2,10 @@
 
 State lives in memory, in the one process that serves the GPU host: gunicorn runs one worker
 process with threads (docs/architecture.md, "Why one gunicorn process with threads"), so every
-request thread sees the same job table, and dedupe and the concurrency limit hold exactly. A
-restart forgets jobs; Ollama keeps partial downloads and resumes them on the next pull.
+request thread sees the same job table, and dedupe and the concurrency limit hold exactly. With a
+``state`` file (``GPU_BRIDGE_JOB_STATE_FILE``, ``job_state.py``) the table is also on disk, and a new
+process (a reload's new gunicorn worker, a restart) resumes the unfinished pulls under the same job
+ids: Ollama keeps partial downloads and resumes them. Without one, a restart forgets jobs.
 
 * ``submit(model)`` returns the active job for the same model (``llama3.2`` == ``llama3.2:latest``)
   instead of starting a second download.
@@ -20,7 +22,9 @@ restart forgets jobs; Ollama keeps partial downloads and resumes them on the nex
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -31,6 +35,7 @@ from datetime import UTC, datetime
 
 from . import names
 from .errors import Conflict, GpuBridgeError, InsufficientStorage, JobNotFound, OllamaError, PullStalled, QueueFull
+from .job_state import JobStateFile
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +83,9 @@ def iso(ts: float | None) -> str | None:
 class Job:
     """One pull. Read it with ``to_dict()``; the manager alone changes it (under its lock)."""
 
-    def __init__(self, model: str, key: str, *, lock: threading.RLock | None = None):
+    def __init__(self, model: str, key: str, *, lock: threading.RLock | None = None, job_id: str | None = None):
         now = time.time()
-        self.id = uuid.uuid4().hex
+        self.id = job_id or uuid.uuid4().hex
         self.model = model
         self.key = key
         self.state = QUEUED
@@ -101,6 +106,8 @@ class Job:
         self._stalled = False
         self._cancel = threading.Event()
         self._done = threading.Event()
+        self._saved_state: str | None = None  # the state last written to the state file
+        self.resumed = 0  # how many times a new process took this pull over (reloads, restarts)
 
     @property
     def completed(self) -> int:
@@ -145,12 +152,34 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.model} {self.state}>"
 
+    def to_record(self) -> dict:
+        """What the state file keeps of a job (``from_record`` reads it back)."""
+        with self._lock:
+            return {"id": self.id, "model": self.model, "state": self.state, "status": self.status,
+                    "error": self.error, "error_code": self.error_code, "error_status": self.error_status,
+                    "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
+                    "updated_at": self.updated_at, "resumed": self.resumed,
+                    "layers": {digest: [c, t] for digest, (c, t) in self._layers.items()}}
+
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _number(value, default=None):
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+        else default
+
+
+def _text(value, limit: int = 2000) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
 
 class JobManager:
     """Runs pulls through an ``OllamaAdapter``-like object (anything with ``pull(name, cancel=, read_timeout=)``)."""
 
     def __init__(self, adapter, *, max_concurrent: int = 2, max_queued: int = 16, stall_timeout: float = 300.0,
-                 retention: float = 3600.0, on_change: Callable[[Job], None] | None = None):
+                 retention: float = 3600.0, on_change: Callable[[Job], None] | None = None,
+                 state: JobStateFile | None = None, allowed_registries: tuple[str, ...] | None = None):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         self.adapter = adapter
@@ -165,8 +194,12 @@ class JobManager:
         self._pending: deque[Job] = deque()
         self._runners = 0  # runner threads alive (each runs one job at a time)
         self._stop = threading.Event()
+        self._state = state
+        self._allowed_registries = allowed_registries
         self._watchdog = threading.Thread(target=self._watch, name="pull-watchdog", daemon=True)
         self._watchdog.start()
+        if state is not None:
+            self._restore(state.claim())
 
     # --- public API ------------------------------------------------------------------------------
     @staticmethod
@@ -251,7 +284,8 @@ class JobManager:
         return {"running": running, "queued": queued}
 
     def shutdown(self, timeout: float = 2.0) -> None:
-        """Cancel every active pull and stop the watchdog."""
+        """Cancel every active pull and stop the watchdog. The state file keeps them active: the next
+        process resumes them (this process's shutdown is not the user's cancel)."""
         self._stop.set()
         with self._lock:
             active = list(self._active.values())
@@ -281,7 +315,8 @@ class JobManager:
             if job.state != QUEUED:
                 return  # cancelled while it waited
             job.state = RUNNING
-            job.started_at = job.updated_at = time.time()
+            job.updated_at = time.time()
+            job.started_at = job.started_at or job.updated_at  # a resumed pull keeps its first start
             job._last_advance = time.monotonic()
         self._notify(job)
         error: GpuBridgeError | None = None
@@ -374,9 +409,100 @@ class JobManager:
             del self._jobs[job_id]
 
     def _notify(self, job: Job) -> None:
+        self._persist(job)
         if self.on_change is None:
             return
         try:
             self.on_change(job)
         except Exception:  # noqa: BLE001 - a listener's bug must not break the pull
             log.exception("on_change listener failed for job %s", job.id)
+
+    # --- the state file (reloads and restarts keep pulls) --------------------------------------
+    def _persist(self, job: Job) -> None:
+        if self._state is None or self._stop.is_set():
+            return  # shutting down: the file keeps the pulls active for the next process
+        force = job.state != job._saved_state
+
+        def snapshot() -> list[dict]:
+            with self._lock:
+                self._prune_locked()
+                records = []
+                for j in self._jobs.values():
+                    records.append(j.to_record())
+                    j._saved_state = j.state
+                return records
+
+        try:
+            self._state.save(snapshot, force=force)
+        except Exception:  # noqa: BLE001 - the file serves reloads; it must never break a pull
+            log.exception("could not save the job state file")
+
+    def _restore(self, records: list[dict]) -> None:
+        """Take over the jobs a previous process left: finished ones are shown until their retention
+        ends; queued and running ones are pulled again under the same id (Ollama resumes the bytes)."""
+        now = time.time()
+        resumed: list[Job] = []
+        with self._lock:
+            for record in sorted(records, key=lambda r: _number(r.get("created_at"), 0.0)):
+                job_id, model, state = record.get("id"), record.get("model"), record.get("state")
+                if not (isinstance(job_id, str) and _JOB_ID.match(job_id) and isinstance(model, str)
+                        and state in STATES) or job_id in self._jobs:
+                    log.warning("job state file: skipping a malformed job record")
+                    continue
+                try:
+                    parsed = names.validate(model, self._allowed_registries)
+                    error: GpuBridgeError | None = None
+                except GpuBridgeError as exc:
+                    parsed, error = None, exc
+                key = parsed.full.lower() if parsed is not None else model[:300].lower()
+                job = Job(parsed.display if parsed is not None else model[:300], key, lock=self._lock, job_id=job_id)
+                job.created_at = _number(record.get("created_at"), now)
+                job.started_at = _number(record.get("started_at"))
+                job.finished_at = _number(record.get("finished_at"))
+                job.updated_at = _number(record.get("updated_at"), now)
+                job.status = _text(record.get("status"))
+                job.resumed = int(_number(record.get("resumed"), 0) or 0)
+                layers = record.get("layers")
+                if isinstance(layers, dict):
+                    for digest, pair in list(layers.items())[:1000]:
+                        if isinstance(digest, str) and isinstance(pair, list) and len(pair) == 2:
+                            completed, total = (int(_number(x, 0) or 0) for x in pair)
+                            job._layers[digest[:200]] = (max(0, completed), max(0, total))
+                job._best_completed = job.completed
+                if state in TERMINAL:
+                    if job.finished_at is None or job.finished_at < now - self.retention:
+                        continue
+                    job.state = state
+                    job.error, job.error_code = _text(record.get("error")), _text(record.get("error_code"), 100)
+                    status = record.get("error_status")
+                    job.error_status = status if isinstance(status, int) and 400 <= status < 600 else None
+                    job._done.set()
+                    self._jobs[job.id] = job
+                    continue
+                self._jobs[job.id] = job
+                if error is not None:
+                    log.warning("not resuming pull job %s of %r: %s: %s", job.id, job.model, error.code, error.message)
+                    self._finish_error_locked(job, error)
+                    job._done.set()
+                elif key in self._active:
+                    self._finish_locked(job, CANCELLED, error="a duplicate of another pull of the same model",
+                                        code="cancelled", status=409)
+                    job._done.set()
+                else:
+                    job.state = QUEUED
+                    job.resumed += 1
+                    self._active[key] = job
+                    resumed.append(job)
+        for job in resumed:
+            log.info("resuming pull job %s of %s left by the previous worker process (reload or restart)",
+                     job.id, job.model)
+            with self._lock:
+                start_runner = self._runners < self.max_concurrent
+                if start_runner:
+                    self._runners += 1
+                else:
+                    self._pending.append(job)
+            if start_runner:
+                threading.Thread(target=self._runner, args=(job,), name=f"pull-{job.id[:8]}", daemon=True).start()
+        if self._jobs:
+            self._persist(next(iter(self._jobs.values())))

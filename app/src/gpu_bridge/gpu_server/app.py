@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 from .. import __version__
 from ..config import GpuServerSettings, token_lines
 from ..errors import ConfigError, GpuBridgeError, RateLimited, Unauthorized
+from ..job_state import JobStateFile
 from ..jobs import JobManager
 from ..ollama import OllamaAdapter
 from ..request_guard import method_label, read_body
@@ -152,7 +153,9 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
                       gpu_snapshot=lambda: state_box["state"].gpu.snapshot())
     jobs = JobManager(adapter, max_concurrent=settings.max_concurrent_pulls, max_queued=settings.max_queued_pulls,
                       stall_timeout=settings.pull_stall_timeout, retention=settings.job_retention_seconds,
-                      on_change=metrics.job_changed)
+                      on_change=metrics.job_changed, allowed_registries=settings.allowed_registries,
+                      # A reload's new worker process takes the pulls over from this file (job_state.py).
+                      state=JobStateFile(settings.job_state_file) if settings.job_state_file else None)
     state = ServerState(settings=settings, adapter=adapter, jobs=jobs, metrics=metrics, gpu=GpuProbe(),
                         limiter=TokenBucket(settings.rate_limit_per_minute),
                         tokens=tuple(t.encode("utf-8") for t in token_lines(settings.api_token)),
