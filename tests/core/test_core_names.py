@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -123,3 +125,36 @@ def test_parse_never_raises_anything_but_invalid_model_name(text):
     assert parsed.display.isascii()
     assert ".." not in parsed.display
     assert "//" not in parsed.display
+
+
+# --- the grammar as one regular expression (the OpenAPI documents publish it) --------------------------------------
+_ALPHABET = st.sampled_from(list("aZ9_.-:/") + ["..", "\n", " ", "é", "a" * 81, "b" * 351])
+
+
+def _accepts(name: str, hosts=None) -> bool:
+    try:
+        names.validate(name, hosts)
+    except (InvalidModelName, RegistryNotAllowed):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", [v[0] for v in VALID] + [i[0] for i in INVALID])
+def test_the_published_pattern_accepts_exactly_what_the_parser_accepts(name):
+    assert bool(re.search(names.NAME_PATTERN, name)) == _accepts(name), name
+
+
+@given(st.lists(_ALPHABET, max_size=14).map("".join))
+def test_the_published_pattern_and_the_parser_agree_on_generated_names(name):
+    assert bool(re.search(names.NAME_PATTERN, name)) == _accepts(name), repr(name)
+
+
+@given(st.lists(_ALPHABET, max_size=14).map("".join),
+       st.sampled_from([("registry.ollama.ai", "hf.co"), ("hf.co",), ("HF.co", "localhost:5000")]))
+def test_the_allow_list_pattern_and_validate_agree(name, hosts):
+    assert bool(re.search(names.name_pattern(hosts), name)) == _accepts(name, hosts), (repr(name), hosts)
+
+
+@given(st.from_regex(names.NAME_PATTERN))
+def test_every_name_the_pattern_generates_parses(name):
+    names.parse(name)

@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 
 from gpu_bridge import names
 from gpu_bridge.backend import create_app as create_backend
-from gpu_bridge.errors import InvalidModelName
+from gpu_bridge.config import DEFAULT_ALLOWED_REGISTRIES
+from gpu_bridge.errors import InvalidModelName, RegistryNotAllowed
 from gpu_bridge.gpu_server import create_app as create_gpu_server
 from support.procs import emulator_control, free_port
 
@@ -44,8 +45,8 @@ pytestmark = pytest.mark.integration
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 database=None, derandomize=False)
 SMALL = settings(FUZZ, max_examples=60)
-GPU_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-BACKEND_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# One pattern for both services (the backend forwards its request ids to the GPU hosts).
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 BODY_LIMIT = 2048
 
 
@@ -149,13 +150,16 @@ def test_gpu_pull_wait_flag(gpu_client, wait):
 def test_gpu_headers(gpu_client, authorization, request_id, route):
     r = gpu_client.get(route, headers={"Authorization": authorization, "X-Request-ID": request_id})
     assert r.status_code < 500, (authorization, r.data[:200])
+    if not REQUEST_ID.fullmatch(request_id):  # what the document excludes is a 400, with an id of our own
+        assert (r.status_code, _json(r)["code"]) == (400, "invalid_request"), (request_id, r.data[:200])
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-ID"])
+        return
     scheme, _, given_token = authorization.partition(" ")
     if route == "/api/health" or (scheme.lower() == "bearer" and given_token.strip() == GPU_TOKEN):
         assert r.status_code == 200
     else:
         assert r.status_code == 401 and _json(r)["code"] == "unauthorized"
-    echoed = r.headers["X-Request-ID"]
-    assert echoed == request_id if GPU_REQUEST_ID.match(request_id) else re.fullmatch(r"[0-9a-f]{32}", echoed)
+    assert r.headers["X-Request-ID"] == request_id
 
 
 @SMALL
@@ -195,19 +199,25 @@ def _backend_verdict(body: object, *, label: str, with_wait: bool) -> str | None
         return "invalid_request"
     if name_verdict(model, None) is not None:
         return "invalid_model_name"
-    hosts = body.get("hosts")
-    if isinstance(hosts, str):
-        hosts = [h for h in (p.strip() for p in hosts.split(",")) if h]
-    if hosts is not None and hosts != [] and hosts != "":
+    if with_wait and names_verdict_for_pull(model) is not None:
+        return "registry_not_allowed"
+    hosts = body.get("hosts")  # JSON only now: absent, null or an array, as the document says
+    if hosts is not None and hosts != []:
         if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
             return "invalid_request"
         if any(h.strip() not in (label, label.split(":")[0]) for h in hosts):
             return "invalid_request"
-    if with_wait:
-        wait = body.get("wait", False)
-        if not isinstance(wait, bool) and not (isinstance(wait, str) and wait.lower() in
-                                               ("true", "1", "yes", "false", "0", "no", "")):
-            return "invalid_request"
+    if with_wait and not isinstance(body.get("wait", False), bool):
+        return "invalid_request"
+    return None
+
+
+def names_verdict_for_pull(model: str) -> str | None:
+    """A pull also meets the registry allow-list (the backend applies the GPU hosts' default)."""
+    try:
+        names.validate(model, DEFAULT_ALLOWED_REGISTRIES)
+    except RegistryNotAllowed:
+        return "registry_not_allowed"
     return None
 
 
@@ -289,14 +299,17 @@ def test_backend_limits_and_request_ids(dead_backend, limit, route, request_id):
     client, label = dead_backend
     r = client.get(route, query_string={"limit": limit}, headers={"X-Request-ID": request_id})
     answer = _no_unintended_5xx(r, label)
+    if not REQUEST_ID.fullmatch(request_id):
+        assert (r.status_code, answer["code"]) == (400, "invalid_request"), (request_id, answer)
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-ID"])
+        return
     try:
         int(limit)
     except ValueError:
         assert (r.status_code, answer["code"]) == (400, "invalid_request"), (limit, answer)
     else:
         assert r.status_code == 200 and isinstance(answer.get("pulls", answer.get("entries")), list)
-    echoed = r.headers["X-Request-ID"]
-    assert echoed == request_id if BACKEND_REQUEST_ID.match(request_id) else re.fullmatch(r"[0-9a-f]{32}", echoed)
+    assert r.headers["X-Request-ID"] == request_id
 
 
 @FUZZ
@@ -309,6 +322,10 @@ def test_backend_headers(dead_backend, authorization, request_id, route):
     r = client.open(path, method=method or "GET", json={"model": "llama3.2", "id": "x"} if method else None,
                     headers={"Authorization": authorization, "X-Request-ID": request_id})
     answer = _no_unintended_5xx(r, label)
+    if not REQUEST_ID.fullmatch(request_id):  # what the document excludes is a 400, with an id of our own
+        assert (r.status_code, answer["code"]) == (400, "invalid_request"), (request_id, answer)
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-ID"])
+        return
     scheme, _, given_token = authorization.partition(" ")
     if not method:
         assert r.status_code == 200, answer  # reads are open
@@ -316,8 +333,7 @@ def test_backend_headers(dead_backend, authorization, request_id, route):
         assert r.status_code != 401, answer
     else:
         assert (r.status_code, answer["code"]) == (401, "unauthorized"), (authorization, answer)
-    echoed = r.headers["X-Request-ID"]
-    assert echoed == request_id if BACKEND_REQUEST_ID.match(request_id) else re.fullmatch(r"[0-9a-f]{32}", echoed)
+    assert r.headers["X-Request-ID"] == request_id
 
 
 @SMALL
@@ -326,6 +342,9 @@ def test_backend_listing_with_dead_host(dead_backend, refresh):
     client, label = dead_backend
     r = client.get("/config/models", query_string={"refresh": refresh})
     answer = _no_unintended_5xx(r, label)
+    if refresh not in ("true", "false"):  # the document types it boolean: anything else is a 400
+        assert (r.status_code, answer["code"]) == (400, "invalid_request"), (refresh, answer)
+        return
     # Nothing was ever cached: 503 with every host's status, naming the dead host.
     assert r.status_code == 503 and answer["code"] in ("gpu_unreachable", "gpu_circuit_open"), answer
     assert answer["hosts"][label]["ok"] is False
@@ -355,11 +374,12 @@ def test_backend_and_gpu_server_agree_on_names(live_backend, name):
     if name_verdict(name, None) is not None:
         assert (r.status_code, answer["code"]) == (400, "invalid_model_name"), (name, answer)
         return
-    registry = name_verdict(name)  # the GPU host applies its registry allow-list
-    result = answer["results"][label]
+    registry = name_verdict(name)  # the GPU host's registry allow-list, which the backend applies first
     if registry is not None:
-        assert (r.status_code, answer["code"], result["code"]) == (400, registry, registry), (name, answer)
+        assert (r.status_code, answer["code"]) == (400, registry), (name, answer)
+        assert "results" not in answer, answer  # refused before any GPU host was asked
     else:
+        result = answer["results"][label]
         assert r.status_code == 202 and result["ok"] is True, (name, answer)
         assert names.same_model(result["job"]["model"], names.parse(name).display), (name, answer)
 

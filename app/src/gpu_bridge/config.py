@@ -334,6 +334,9 @@ class BackendSettings:
     bind: str = DEFAULT_BACKEND_BIND
     cache_max_age: float = 10.0
     max_body_bytes: int = 64 * 1024
+    # The GPU servers' allow-list, checked here too: a pull the GPU hosts would refuse is refused
+    # before any host is asked, and the published document can say which names are accepted.
+    allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES
     client: ClientSettings = field(default_factory=ClientSettings)
     nfs: NfsSettings = field(default_factory=NfsSettings)
 
@@ -347,6 +350,7 @@ class BackendSettings:
             bind=env_str(env, "GPU_BRIDGE_BACKEND_BIND", DEFAULT_BACKEND_BIND),
             cache_max_age=env_float(env, "GPU_BRIDGE_CACHE_MAX_AGE", 10.0),
             max_body_bytes=env_int(env, "GPU_BRIDGE_MAX_BODY_BYTES", 64 * 1024, minimum=1024),
+            allowed_registries=env_list(env, "GPU_BRIDGE_ALLOWED_REGISTRIES", DEFAULT_ALLOWED_REGISTRIES),
             client=ClientSettings.from_env(env),
             nfs=NfsSettings.from_env(env),
         )

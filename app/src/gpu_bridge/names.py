@@ -22,6 +22,31 @@ _NAMESPACE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,79}$")
 _MODEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
 _TAG = _MODEL
 
+_HOST_RE = r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}"
+_NAMESPACE_RE = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}"
+_MODEL_RE = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"
+# End of input, the same in ECMA-262 (OpenAPI) and Python: "$" would also match before a final
+# newline in Python, so a schema checked with Python's re would admit "llama3\n".
+_END = r"(?![\s\S])"
+
+
+def name_pattern(hosts: tuple[str, ...] | list[str] | None = None) -> str:
+    """The grammar as one regular expression (for the OpenAPI documents): exactly what ``parse``
+    accepts; with ``hosts``, a three-part name's registry must be one of them (any case), as in
+    ``validate``. Checked against ``parse`` by tests/core/test_core_names.py."""
+    if hosts is None:
+        return rf"^(?!.*\.\.)(?:(?:{_HOST_RE}/)?{_NAMESPACE_RE}/)?{_MODEL_RE}(?::{_MODEL_RE})?{_END}"
+    allowed = [h.strip() for h in hosts if h.strip() and _HOST.match(h.strip())]
+    host = "(?:" + "|".join("".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else ("\\." if c == "." else c)
+                                    for c in h) for h in allowed) + ")"
+    if DEFAULT_HOST not in {h.lower() for h in allowed}:
+        # One- and two-part names mean registry.ollama.ai: refused unless it is allowed.
+        return rf"^(?!.*\.\.){host}/{_NAMESPACE_RE}/{_MODEL_RE}(?::{_MODEL_RE})?{_END}" if allowed else r"^(?!)"
+    return rf"^(?!.*\.\.)(?:(?:{host}/)?{_NAMESPACE_RE}/)?{_MODEL_RE}(?::{_MODEL_RE})?{_END}"
+
+
+NAME_PATTERN = name_pattern()
+
 
 @dataclass(frozen=True)
 class ModelName:

@@ -18,14 +18,35 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+import uuid
 
 from flask import Request
 
 from .errors import Forbidden, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+REQUEST_ID_HEADER = "X-Request-ID"
+# The same on both services (the backend forwards its request id to the GPU hosts); the end anchor
+# means end of input in ECMA-262 and in Python alike ("$" admits a final newline in Python).
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}(?![\s\S])"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 MAX_JSON_DEPTH = 32
 _LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def request_id(request: Request) -> tuple[str, str | None]:
+    """(the request id to use and echo, the problem with the caller's when it broke the pattern).
+
+    A missing header gets a generated id; a present one must match ``REQUEST_ID_PATTERN`` (the
+    document says so): the caller then gets a 400, which still carries a generated id."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is None:
+        return uuid.uuid4().hex, None
+    if _REQUEST_ID.match(given):
+        return given, None
+    return uuid.uuid4().hex, (f"{REQUEST_ID_HEADER} must be 1 to 128 of A-Z a-z 0-9 . _ : - (or left out: one is "
+                              "generated)")
 
 
 def method_label(method: str) -> str:
@@ -134,5 +155,6 @@ def refuse_browser_requests(request: Request, *, trusts_loopback: bool, body: by
                                    f"{request.mimetype or 'no content type'!r})")
 
 
-__all__ = ["KNOWN_METHODS", "MAX_JSON_DEPTH", "is_loopback_name", "is_loopback_peer", "json_depth", "json_object",
-           "method_label", "read_body", "refuse_browser_requests"]
+__all__ = ["KNOWN_METHODS", "MAX_JSON_DEPTH", "REQUEST_ID_HEADER", "REQUEST_ID_PATTERN", "is_loopback_name",
+           "is_loopback_peer", "json_depth", "json_object", "method_label", "read_body", "refuse_browser_requests",
+           "request_id"]

@@ -11,11 +11,9 @@ import hmac
 import ipaddress
 import json
 import logging
-import re
 import sys
 import time
 import traceback
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -27,13 +25,12 @@ from ..client import make_transport
 from ..client.fleet import GpuFleet
 from ..client.http import current_request_id
 from ..config import BackendSettings
-from ..errors import ConfigError, GpuBridgeError, RateLimited, Unauthorized
-from ..request_guard import is_loopback_peer
+from ..errors import ConfigError, GpuBridgeError, InvalidRequest, RateLimited, Unauthorized
+from ..request_guard import is_loopback_peer, request_id
 from .db import Database
 
 log = logging.getLogger("gpu_bridge.backend")
 EXTENSION = "gpu_bridge_backend"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class JsonFormatter(logging.Formatter):
@@ -131,9 +128,10 @@ def create_app(config: BackendSettings | Mapping[str, str] | None = None, *, tra
     @app.before_request
     def _begin():
         g.started = time.monotonic()
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.request_id, problem = request_id(request)
         g.rid_token = current_request_id.set(g.request_id)
+        if problem:
+            raise InvalidRequest(problem)
 
     @app.after_request
     def _finish(resp: Response):
@@ -175,6 +173,10 @@ def create_app(config: BackendSettings | Mapping[str, str] | None = None, *, tra
             message = exc.description or exc.name
         resp = app.json.response({"error": message, "code": code})
         resp.status_code = exc.code or 500
+        # Keep what RFC 9110 asks for: Allow on a 405 (the methods the route has).
+        for name, value in exc.get_headers():
+            if name in ("Allow", "Retry-After"):
+                resp.headers[name] = value
         return resp
 
     @app.errorhandler(Exception)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 from .. import __version__
+from ..config import DEFAULT_ALLOWED_REGISTRIES
+from ..names import MAX_NAME_LENGTH, name_pattern
+from ..request_guard import REQUEST_ID_PATTERN
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -15,7 +20,19 @@ def _err(description: str) -> dict:
     return _json(_ERROR, description)
 
 
-def openapi_document() -> dict:
+_REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
+               "description": "caller's request id (1 to 128 of A-Z a-z 0-9 . _ : -), echoed and forwarded to the "
+                              "GPU hosts; left out, one is generated; any other value is a 400",
+               "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": REQUEST_ID_PATTERN}}
+
+
+def openapi_document(hosts: list[str] | None = None,
+                     allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> dict:
+    """The document as this backend applies it: ``hosts`` (its GPU hosts' labels and names) is the
+    enum of a body's ``hosts`` entries; a pull's model name carries the registry allow-list."""
+    host_item = {"type": "string", "minLength": 1}
+    if hosts:
+        host_item["enum"] = sorted(set(hosts))
     host_result = {
         "type": "object",
         "description": "One GPU host's outcome: ok with a Job (pull) or deleted name, or an error.",
@@ -27,18 +44,24 @@ def openapi_document() -> dict:
         },
         "required": ["ok"],
     }
+    def model_field(registries: tuple[str, ...] | None) -> dict:
+        return {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH, "pattern": name_pattern(registries),
+                "example": "llama3.2:latest"}
+
     model_body = {
         "type": "object", "required": ["model"],
         "properties": {
-            "model": {"type": "string", "example": "llama3.2:latest"},
-            "hosts": {"type": "array", "items": {"type": "string"},
-                      "description": "GPU host names or labels (name:port); default: every host"},
+            "model": model_field(None),
+            "hosts": {"type": "array", "items": host_item, "nullable": True,
+                      "description": "GPU host names or labels (name:port); absent, null or []: every host"},
         },
     }
     pull_body = {**model_body, "properties": {**model_body["properties"],
+                                              "model": model_field(tuple(allowed_registries)),
                                               "wait": {"type": "boolean", "default": False,
-                                                       "description": "block until the pull ends (read timeout "
-                                                                      "GPU_BRIDGE_PULL_TIMEOUT per host)"}}}
+                                                       "description": "answer when the pull ends on every host "
+                                                                      "(the backend polls the jobs; "
+                                                                      "GPU_BRIDGE_PULL_TIMEOUT without progress)"}}}
     per_host = {"type": "object", "additionalProperties": host_result}
     progress = {
         "type": "object",
@@ -52,7 +75,7 @@ def openapi_document() -> dict:
         },
     }
     failed = "every selected GPU host failed: the common status of the failures (else 502); body names the hosts"
-    return {
+    document = {
         "openapi": "3.0.3",
         "info": {"title": "gpu-bridge backend", "version": __version__,
                  "description": "Model management on the GPU hosts for the production web app. State-changing "
@@ -80,6 +103,9 @@ def openapi_document() -> dict:
                     "200": _json({"type": "object"}, "wait: true and the pull ended on at least one host"),
                     "400": _err("bad JSON, missing 'model', invalid model name, unknown host"),
                     "401": _err("admin token missing or wrong"),
+                    "404": _err("wait: true and every host's pull failed with model_not_found"),
+                    "409": _err("wait: true and every host's pull was cancelled"),
+                    "429": _err("every host refused to queue the pull (queue_full or rate_limited)"),
                     "413": _err("body larger than GPU_BRIDGE_MAX_BODY_BYTES"),
                     "502": _err(failed), "503": _err(failed), "504": _err(failed),
                 }}},
@@ -92,10 +118,13 @@ def openapi_document() -> dict:
             "/config/cancel-pull": {"post": {
                 "summary": "Cancel a running pull on every host it runs on",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}}}},
+                    "type": "object", "required": ["id"],
+                    "properties": {"id": {"type": "string", "minLength": 1}}}}}},
                 "responses": {"200": _json(progress, "cancelled (or already finished)"),
                               "400": _err("missing id"), "401": _err("admin token missing or wrong"),
-                              "404": _err("unknown pull id"), "502": _err(failed), "503": _err(failed)}}},
+                              "404": _err("unknown pull id, or every host no longer knows the job"),
+                              "409": _err("every host's job had already finished (code conflict)"),
+                              "502": _err(failed), "503": _err(failed), "504": _err(failed)}}},
             "/config/pulls": {"get": {
                 "summary": "Recent pulls (newest first)",
                 "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
@@ -176,3 +205,8 @@ def openapi_document() -> dict:
             },
         },
     }
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            operation["parameters"] = [*operation.get("parameters", []), copy.deepcopy(_REQUEST_ID)]
+            operation["responses"].setdefault("400", _err("invalid_request: X-Request-ID breaks its pattern"))
+    return document

@@ -43,33 +43,43 @@ def _body() -> dict:
     return json_object(raw)
 
 
-def _model_field(body: dict) -> str:
+def _model_field(body: dict, *, pulling: bool = False) -> str:
     model = body.get("model", body.get("name"))
     if model is None:
         raise InvalidRequest("missing field 'model' (the model name, e.g. 'llama3.2:latest')")
     if not isinstance(model, str):
         raise InvalidRequest("'model' must be a string")
+    if pulling:  # a pull fetches: the registry allow-list applies, as on the GPU hosts
+        return names.validate(model, _state().settings.allowed_registries).display
     return names.parse(model).display
 
 
 def _hosts_field(body: dict) -> list[str] | None:
+    # Exactly what the document says: absent, null or a JSON array of known host names or labels.
     hosts = body.get("hosts")
-    if hosts is None or hosts == "" or hosts == []:
+    if hosts is None or hosts == []:
         return None
-    if isinstance(hosts, str):
-        hosts = [h for h in (p.strip() for p in hosts.split(",")) if h]
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
-        raise InvalidRequest("'hosts' must be a list of GPU host names or labels (name:port)")
+        raise InvalidRequest("'hosts' must be a JSON array of GPU host names or labels (name:port), e.g. "
+                             f'["{_state().fleet.labels[0]}"]')
     return _state().fleet.select(hosts)
+
+
+def _bool_query(name: str) -> bool:
+    """A boolean query parameter as the document types it: true or false (absent: false)."""
+    raw = request.args.get(name)
+    if raw is None:
+        return False
+    if raw in ("true", "false"):
+        return raw == "true"
+    raise InvalidRequest(f"query parameter {name}={names.shorten(raw)} must be true or false")
 
 
 def _bool_field(body: dict, name: str, default: bool = False) -> bool:
     value = body.get(name, default)
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no", ""):
-        return value.lower() in ("true", "1", "yes")
-    raise InvalidRequest(f"'{name}' must be true or false")
+    raise InvalidRequest(f"'{name}' must be true or false (a JSON boolean)")
 
 
 def _host_error(label: str, result: dict) -> str:
@@ -112,7 +122,7 @@ def _brief(results: dict) -> dict:
 @bp.get("/config/models")
 def list_models():
     st = _state()
-    refresh = request.args.get("refresh", "").lower() in ("1", "true", "yes")
+    refresh = _bool_query("refresh")
     memo, max_age = st.listing_memo, st.settings.cache_max_age
     if memo and not refresh and max_age > 0 and time.monotonic() - memo[0] < max_age:
         return jsonify({**memo[1], "source": "cache", "stale": False})
@@ -165,7 +175,7 @@ def pull_model():
     st = _state()
     require_admin(st)
     body = _body()
-    model = _model_field(body)
+    model = _model_field(body, pulling=True)
     labels = _hosts_field(body) or st.fleet.labels
     wait = _bool_field(body, "wait")
     pull_id = uuid.uuid4().hex
@@ -419,4 +429,6 @@ def health():
 
 @bp.get("/api/openapi.json")
 def openapi():
-    return jsonify(openapi_document())
+    st = _state()
+    names_and_labels = [*st.fleet.labels, *(slot.host.name for slot in st.fleet.slots.values())]
+    return jsonify(openapi_document(names_and_labels, st.settings.allowed_registries))

@@ -25,11 +25,11 @@ from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..config import GpuServerSettings, token_lines
-from ..errors import ConfigError, GpuBridgeError, RateLimited, Unauthorized
+from ..errors import ConfigError, GpuBridgeError, InvalidRequest, RateLimited, Unauthorized
 from ..job_state import JobStateFile
 from ..jobs import JobManager
 from ..ollama import OllamaAdapter
-from ..request_guard import method_label, read_body
+from ..request_guard import REQUEST_ID_HEADER, method_label, read_body, request_id
 from .health import GpuProbe, OllamaProbe
 from .metrics import Metrics
 from .ratelimit import TokenBucket
@@ -38,8 +38,6 @@ log = logging.getLogger("gpu_bridge.gpu_server")
 access_log = logging.getLogger("gpu_bridge.access")
 
 EXTENSION = "gpu_bridge"
-REQUEST_ID_HEADER = "X-Request-ID"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # Endpoints reachable without a token (metrics only when GPU_BRIDGE_METRICS_PUBLIC=true).
 OPEN_ENDPOINTS = frozenset({"api.health"})
 HEALTH_ROUTE = "/api/health"
@@ -177,8 +175,9 @@ def _install_hooks(app: Flask, state: ServerState) -> None:
     @app.before_request
     def _start() -> None:
         g.started = time.perf_counter()
-        given = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        g.request_id, problem = request_id(request)
+        if problem:
+            raise InvalidRequest(problem)
         # No route reads a body, but a body is still read off the socket: sized or chunked, it must
         # stay under the limit (413), never be swallowed whatever its size.
         read_body(request, state.settings.max_body_bytes)
@@ -205,9 +204,9 @@ def _install_hooks(app: Flask, state: ServerState) -> None:
     @app.after_request
     def _finish(response):
         started = g.get("started") or time.perf_counter()
-        request_id = g.get("request_id") or uuid.uuid4().hex
+        rid = g.get("request_id") or uuid.uuid4().hex
         seconds = time.perf_counter() - started
-        response.headers[REQUEST_ID_HEADER] = request_id
+        response.headers[REQUEST_ID_HEADER] = rid
         response.headers.setdefault("Cache-Control", "no-store")
         if response.status_code == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="gpu-bridge"'
@@ -221,7 +220,7 @@ def _install_hooks(app: Flask, state: ServerState) -> None:
         access_log.info(json.dumps({
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": "request",
             "method": request.method, "path": request.path, "route": route, "status": response.status_code,
-            "duration_ms": round(seconds * 1000, 2), "request_id": request_id, "remote": request.remote_addr,
+            "duration_ms": round(seconds * 1000, 2), "request_id": rid, "remote": request.remote_addr,
         }))
         return response
 

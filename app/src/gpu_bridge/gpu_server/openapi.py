@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 
+from ..config import DEFAULT_ALLOWED_REGISTRIES
+from ..names import MAX_NAME_LENGTH, name_pattern
+from ..request_guard import REQUEST_ID_PATTERN
+
 
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -26,14 +30,25 @@ _TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True,
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 _LOCATION = {"Location": {"description": "the job's URL, /api/jobs/{id}", "schema": {"type": "string"}}}
 _REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
-               "description": "caller's request id (<= 128 of A-Z a-z 0-9 . _ -), else one is generated; "
-                              "echoed in the response header of the same name",
-               "schema": {"type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9._-]+$"}}
-_MODEL_NAME = {"name": "name", "in": "path", "required": True,
-               "description": "Ollama model name host/namespace/model:tag; may contain '/' (send it as is or "
-                              "%2F-encoded; it is checked after decoding)",
-               "schema": {"type": "string", "maxLength": 594},
-               "example": "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"}
+               "description": "caller's request id (1 to 128 of A-Z a-z 0-9 . _ : -), echoed in the response "
+                              "header of the same name; left out, one is generated; any other value is a 400",
+               "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": REQUEST_ID_PATTERN}}
+
+
+def model_name_parameter(allowed_registries: tuple[str, ...] | None) -> dict:
+    """The ``name`` path parameter: Ollama's grammar exactly (names.name_pattern); for a pull, a
+    three-part name's registry must be on the allow-list (GPU_BRIDGE_ALLOWED_REGISTRIES)."""
+    registries = "" if allowed_registries is None else \
+        f"; registry one of {', '.join(allowed_registries)} (GPU_BRIDGE_ALLOWED_REGISTRIES)"
+    return {"name": "name", "in": "path", "required": True,
+            "description": "Ollama model name host/namespace/model:tag; may contain '/' (send it as is or "
+                           f"%2F-encoded; it is checked after decoding){registries}",
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH,
+                       "pattern": name_pattern(allowed_registries)},
+            "example": "llama3.2:latest"}
+
+
+_MODEL_NAME = model_name_parameter(None)
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _UNAUTHORIZED = _error("missing or wrong bearer token (code unauthorized)")
 
@@ -207,11 +222,16 @@ PATHS: dict = {
 }
 
 
-def build_document(version: str) -> dict:
+def build_document(version: str, allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> dict:
+    """The document as this server applies it: the pull route's name pattern carries the allow-list."""
     paths = copy.deepcopy(PATHS)
+    pull = paths["/api/models/{name}"]["post"]
+    pull["parameters"] = [model_name_parameter(tuple(allowed_registries)) if p.get("name") == "name" else p
+                          for p in pull["parameters"]]
     for operations in paths.values():
         for operation in operations.values():
             operation.setdefault("parameters", []).append(_REQUEST_ID)
+            operation["responses"].setdefault("400", _error("invalid_request: X-Request-ID breaks its pattern"))
             operation["responses"].setdefault("413", _error("payload_too_large: body over GPU_BRIDGE_MAX_BODY_BYTES"))
             operation["responses"].setdefault("500", _error("internal_error (details only in the server log)"))
     return {

@@ -155,7 +155,7 @@ def metrics():
 
 @api.get("/api/openapi.json")
 def openapi():
-    return jsonify(build_document(__version__))
+    return jsonify(build_document(__version__, _state().settings.allowed_registries))
 
 
 __all__ = ["api"]
