@@ -41,5 +41,8 @@ def run_gunicorn(factory: Callable, bind: str, *, threads: int = 8, timeout: int
         # gunicorn >= 24 opens ~/.gunicorn/gunicorn.ctl by default: shared by every gunicorn on the
         # host and blocked by ProtectHome=. We manage the process with systemd, not that socket.
         "control_socket_disable": True,
+        # gunicorn's longest request line (default 4094): a model name at the grammar's limit, fully
+        # percent-encoded, must reach the app and get its JSON 400, not gunicorn's HTML 414.
+        "limit_request_line": 8190,
     }
     _Embedded(factory, options).run()
