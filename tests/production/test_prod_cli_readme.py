@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 LAB_CLI = "docker exec prod-01 /opt/gpu-bridge/venv/bin/gpu-bridge"
-README_GPU_URL = "http://gpu-01.example.internal:8001"
+README_GPU_URL = "https://gpu-01.example.internal:8001"
 
 
 @pytest.fixture(scope="module", params=["http"])

@@ -30,6 +30,7 @@ from .config import (
     ClientSettings,
     GpuHost,
     read_secret,
+    tls_client_files,
 )
 from .errors import ConfigError, GpuBridgeError, GpuHostError
 
@@ -287,8 +288,12 @@ def _gpu_transport(url: str, token: str | None, timeout: float):
     host = GpuHost(name=parts.hostname or "127.0.0.1", port=parts.port or DEFAULT_GPU_PORT, scheme=parts.scheme)
     if token is None:
         token = read_secret(os.environ, "GPU_BRIDGE_API_TOKEN_FILE", "GPU_BRIDGE_API_TOKEN", API_TOKEN_CREDENTIAL)
+    # Straight at a GPU host over https (its nginx asks for a client certificate): the same
+    # GPU_BRIDGE_GPU_CA_FILE / GPU_BRIDGE_CLIENT_CERT_FILE / GPU_BRIDGE_CLIENT_KEY_FILE as the backend.
+    ca_file, cert_file, key_file = tls_client_files(os.environ)
     settings = ClientSettings(hosts=(host,), api_token=token, read_timeout=timeout, connect_timeout=3.0,
-                              pull_timeout=max(timeout, 300.0))
+                              pull_timeout=max(timeout, 300.0), ca_file=ca_file, client_cert_file=cert_file,
+                              client_key_file=key_file)
     return HttpTransport(host, settings)
 
 

@@ -462,6 +462,14 @@ class HttpTransport(GpuTransport):
             return GpuHostUnauthorized(f"{label} refused this client's TLS certificate: set "
                                        "GPU_BRIDGE_CLIENT_CERT_FILE and GPU_BRIDGE_CLIENT_KEY_FILE to a certificate "
                                        "signed by the CA the GPU host trusts", host=label)
+        if not self.settings.client_cert_file and ("EOF occurred in violation of protocol" in text
+                                                   or "UNEXPECTED_EOF" in text or "Connection reset" in text):
+            # With TLS 1.3 a server that wants a client certificate often just closes the connection
+            # (the alert races the EOF): without a certificate of ours, that is the likely reason.
+            return GpuHostUnauthorized(f"{label} refused this client's TLS certificate (none was sent: the host "
+                                       "closed the connection during the handshake): set "
+                                       "GPU_BRIDGE_CLIENT_CERT_FILE and GPU_BRIDGE_CLIENT_KEY_FILE to a certificate "
+                                       "signed by the CA the GPU host trusts", host=label)
         if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text or "record layer failure" in text:
             return GpuHostUnreachable(f"{label} does not speak TLS on port {self.host.port}: check "
                                       "GPU_BRIDGE_GPU_SCHEME (https needs the TLS proxy on the GPU host)", host=label)
