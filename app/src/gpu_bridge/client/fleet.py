@@ -117,6 +117,7 @@ class GpuFleet:
         self._pool = ThreadPoolExecutor(max_workers=min(MAX_POOL_THREADS, max(4, 2 * len(hosts))),
                                         thread_name_prefix="gpu-fleet")
         self._inflight: dict[tuple, Future] = {}
+        self._started: dict[Future, float] = {}  # when each single-flight call began
         self._inflight_lock = threading.Lock()
 
     # --- hosts ---------------------------------------------------------------------------------
@@ -190,11 +191,13 @@ class GpuFleet:
                 return fut
             fut = self._pool.submit(contextvars.copy_context().run, one)
             self._inflight[key] = fut
+            self._started[fut] = time.monotonic()
 
         def forget(done: Future) -> None:
             with self._inflight_lock:
                 if self._inflight.get(key) is done:
                     del self._inflight[key]
+                self._started.pop(done, None)
 
         fut.add_done_callback(forget)
         return fut
@@ -203,9 +206,15 @@ class GpuFleet:
                 deadline: float | None = None) -> dict[str, tuple[bool, object]]:
         """``method(*args)`` on each host in parallel: {label: (True, result) | (False, GpuBridgeError)}.
 
-        With a ``deadline`` (seconds), hosts that have not answered by then get ``GpuHostTimeout``."""
+        With a ``deadline`` (seconds), hosts that have not answered by then get ``GpuHostTimeout``. A
+        read call that joined one already in flight for a whole deadline is not waited for at all: that
+        host is known to be late, and the answer goes out at once (from the cache, for a listing)."""
         futures = {lbl: self._submit(lbl, method, args) for lbl in labels}
-        wait(list(futures.values()), timeout=deadline)
+        now = time.monotonic()
+        with self._inflight_lock:
+            known_late = {f for f in futures.values()
+                          if deadline is not None and now - self._started.get(f, now) >= deadline}
+        wait([f for f in futures.values() if f not in known_late], timeout=deadline)
         out: dict[str, tuple[bool, object]] = {}
         for lbl, fut in futures.items():
             if fut.done():
