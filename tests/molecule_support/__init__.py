@@ -99,7 +99,8 @@ if body is not None:
     headers["Content-Type"] = "application/json"
 if token_file:
     try:
-        headers["Authorization"] = "Bearer " + open(token_file).read().strip()
+        # A token file may hold several tokens, one a line (a rotation): the first is the one to send.
+        headers["Authorization"] = "Bearer " + open(token_file).read().strip().splitlines()[0].strip()
     except FileNotFoundError:
         pass
 data = None if body is None else json.dumps(body).encode()
