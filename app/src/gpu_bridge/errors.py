@@ -13,6 +13,9 @@ class GpuBridgeError(Exception):
 
     status = 500
     code = "internal_error"
+    # Declared only (no value, so getattr(exc, "retried", False) is unchanged): the HTTP client sets it
+    # when an earlier attempt reached the host.
+    retried: bool
 
     def __init__(self, message: str, *, host: str | None = None, status: int | None = None,
                  code: str | None = None, extra: dict | None = None):

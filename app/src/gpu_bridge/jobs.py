@@ -21,6 +21,7 @@ ids: Ollama keeps partial downloads and resumes them. Without one, a restart for
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 import os
@@ -437,7 +438,7 @@ class JobManager:
         except Exception:  # noqa: BLE001 - the file serves reloads; it must never break a pull
             log.exception("could not save the job state file")
 
-    def _restore(self, records: list[dict]) -> None:
+    def _restore(self, records: builtins.list[dict]) -> None:  # list: the method above shadows the builtin
         """Take over the jobs a previous process left: finished ones are shown until their retention
         ends; queued and running ones are pulled again under the same id (Ollama resumes the bytes)."""
         now = time.time()

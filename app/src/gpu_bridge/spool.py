@@ -859,6 +859,7 @@ def cmd_nfs_heartbeat(args: argparse.Namespace) -> int:
                                    "service account that owns the share (root is squashed on most NFS exports)"
                                    ) from None
     if advanced:
+        assert last is not None  # advanced is only reported with the document that advanced
         print(f"{host_id}: heartbeat advanced ({(first or {}).get('counter')} -> {last.get('counter')})")
         return 0
     if last is None:

@@ -17,6 +17,7 @@ import errno
 import ssl
 import threading
 import time
+from typing import Any
 from urllib.parse import quote
 
 import requests
@@ -402,7 +403,7 @@ class HttpTransport(GpuTransport):
                                     extra=extra)
             cls = {400: InvalidRequest, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
                    429: RateLimited}.get(status, GpuBridgeError)
-        kwargs = {"host": label, "status": status, "code": code, "extra": extra}
+        kwargs: dict[str, Any] = {"host": label, "status": status, "code": code, "extra": extra}
         if issubclass(cls, RateLimited):
             try:
                 kwargs["retry_after"] = int(float(resp.headers.get("Retry-After", "1")))
@@ -453,7 +454,7 @@ class HttpTransport(GpuTransport):
         text = " ".join(str(c) for c in chain)
         if "CERTIFICATE_VERIFY_FAILED" in text or "doesn't match" in text or "Hostname mismatch" in text:
             where = f"the CA bundle {self.settings.ca_file}" if self.settings.ca_file else "the system's CA bundle"
-            reason = next((c.verify_message for c in chain if getattr(c, "verify_message", None)), None)
+            reason = next((v for c in chain if (v := getattr(c, "verify_message", None))), None)
             return GpuHostUnreachable(f"cannot verify {label}'s TLS certificate against {where}"
                                       f"{f' ({reason})' if reason else ''}: GPU_BRIDGE_GPU_CA_FILE must name the CA "
                                       f"that signed it, and the certificate must name {self.host.name!r}", host=label)
