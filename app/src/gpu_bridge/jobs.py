@@ -33,6 +33,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import overload
 
 from . import names
 from .errors import Conflict, GpuBridgeError, InsufficientStorage, JobNotFound, OllamaError, PullStalled, QueueFull
@@ -74,6 +75,12 @@ def check_free_space(directory: str | None, min_free_bytes: int, where: str = ""
                                   f"{min_free_bytes / gib:.1f} GiB (GPU_BRIDGE_MIN_FREE_GB): delete models first")
 
 
+@overload
+def iso(ts: float) -> str: ...
+@overload
+def iso(ts: None) -> None: ...
+@overload
+def iso(ts: float | None) -> str | None: ...
 def iso(ts: float | None) -> str | None:
     """Epoch seconds → ISO 8601 UTC (``2025-05-04T17:37:44.706Z``), None stays None."""
     if ts is None:

@@ -72,6 +72,7 @@ import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeGuard
 
 from . import __version__, names, spool
 from .config import GpuServerSettings, NfsSettings
@@ -86,6 +87,9 @@ from .errors import (
 )
 from .jobs import check_free_space
 from .sdnotify import Notifier, watchdog_seconds
+
+if TYPE_CHECKING:
+    from .gpu_server.health import GpuProbe  # imported lazily at run time (NVML)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +140,7 @@ class NfsWorker:
         self._models: list[dict] = []
         self._unclaimable: set[str] = set()
         self._last_ollama: dict | None = None
-        self._gpu_probe = None
+        self._gpu_probe: GpuProbe | None = None
         self._served = 0
         self._audit_fd: int | None = None
         self._audit_lock = threading.Lock()
@@ -233,6 +237,7 @@ class NfsWorker:
                     self._write_heartbeat()
                 if now >= self._next_refresh and (self._refresh_future is None or self._refresh_future.done()):
                     self._next_refresh = now + self.nfs.models_refresh_interval
+                    assert self._aux is not None  # created in run(), before this loop runs
                     self._refresh_future = self._aux.submit(self._refresh_quiet, True)
                 self._flush_progress()
                 if now >= next_housekeeping:
@@ -337,7 +342,7 @@ class NfsWorker:
         created = command.get("created_at")
         if not _finite_number(created):
             return hints
-        sender = command.get("sender") if isinstance(command.get("sender"), str) else "?"
+        sender = raw_sender if isinstance(raw_sender := command.get("sender"), str) else "?"
         if created - now > spool.CLOCK_SKEW_WARN:
             hints.append(f"it was created {created - now:.0f} s in the future of this worker's clock")
             self._warn_skew(f"future:{sender}", f"commands from {sender[:100]!r} are created {created - now:.0f} s "
@@ -578,6 +583,7 @@ class NfsWorker:
         if op in INLINE_OPS:
             self._execute(rid, command, recovered)
         else:
+            assert self._pool is not None  # created in run(), before any command is claimed
             self._inflight[rid] = self._pool.submit(self._execute, rid, command, recovered, time.monotonic())
             for done in [k for k, f in self._inflight.items() if f.done()]:
                 del self._inflight[done]
@@ -851,7 +857,7 @@ def _rid_of(name: str) -> str | None:
     return rid if len(rid) <= MAX_ID_LENGTH and spool.valid_request_id(rid) else None
 
 
-def _finite_number(value: object) -> bool:
+def _finite_number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
