@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TypeGuard
 
 from .. import names, spool
 from ..config import BackendSettings, GpuHost
@@ -83,7 +84,7 @@ class NfsTransport(GpuTransport):
         snapshot = self._read_models()
         fresh = self._fresh(snapshot, hb)
         if fresh:
-            ollama = dict(snapshot.get("ollama") or {})
+            ollama = dict((snapshot or {}).get("ollama") or {})
         else:
             ollama = {"reachable": False, "version": None, "latency_ms": None,
                       "error": "the worker has not reported Ollama's state recently (models.json is stale)"}
@@ -325,13 +326,14 @@ class NfsTransport(GpuTransport):
         return doc
 
     @staticmethod
-    def _fresh(snapshot: dict | None, hb: dict) -> bool:
+    def _fresh(snapshot: dict | None, hb: dict) -> TypeGuard[dict]:
         """models.json written by the running worker within refresh_interval + 3 heartbeats."""
         if not snapshot or snapshot.get("boot") != hb.get("boot"):
             return False
         m_counter, h_counter = snapshot.get("counter"), hb.get("counter")
         interval, refresh = hb.get("interval"), snapshot.get("refresh_interval")
-        if not all(isinstance(v, int | float) for v in (m_counter, h_counter, interval, refresh)):
+        if not (isinstance(m_counter, int | float) and isinstance(h_counter, int | float)
+                and isinstance(interval, int | float) and isinstance(refresh, int | float)):
             return False
         return 0 <= (h_counter - m_counter) * interval <= refresh + spool.DEAD_AFTER_BEATS * interval
 
@@ -339,7 +341,7 @@ class NfsTransport(GpuTransport):
         """A worker's error answer -> our error type, exactly as HttpTransport maps the GPU server's."""
         body = body if isinstance(body, dict) else {}
         label = self.label
-        code = body.get("code") if isinstance(body.get("code"), str) else "gpu_server_error"
+        code = raw_code if isinstance(raw_code := body.get("code"), str) else "gpu_server_error"
         message = body.get("error") if isinstance(body.get("error"), str) else f"error {code}"
         status = body.get("status") if isinstance(body.get("status"), int) else None
         extra = {"job": body["job"]} if body.get("job") is not None else {}
