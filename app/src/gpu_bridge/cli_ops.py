@@ -334,7 +334,9 @@ class _Ctx:
             self.gpu = None
 
     def close(self) -> None:
-        (self.gpu or self.backend).close()
+        client = self.gpu or self.backend
+        assert client is not None  # __init__ sets one of the two
+        client.close()
 
     def dump(self, data) -> None:
         print(json.dumps(data, indent=2, sort_keys=False), file=self.out)
@@ -362,6 +364,7 @@ def _models_list(ctx: _Ctx) -> int:
         rows = [[m.get("name", "?"), human_bytes(m.get("size")), utc_time(m.get("modified_at"))] for m in models]
         _table(rows, ["NAME", "SIZE", "MODIFIED (UTC)"], ctx.out)
         return 0
+    assert ctx.backend is not None  # a backend URL: _Ctx set backend (gpu is None)
     data = ctx.backend.call("GET", "/config/models")
     if ctx.json:
         ctx.dump(data)
@@ -392,9 +395,11 @@ def _models_delete(ctx: _Ctx) -> int:
                 raise
             result = {"ok": False, "error": exc.message, "code": exc.code, "status": exc.status}
         return _delete_outcome(ctx, name, {"model": name, "results": {label: result}})
+    assert ctx.backend is not None  # a backend URL: _Ctx set backend (gpu is None)
     body = {"model": name}
     if ctx.args.hosts:
         body["hosts"] = ctx.args.hosts
+    data: dict | None  # a dict on both paths: the except branch re-raises anything else
     try:
         data = ctx.backend.call("POST", "/config/delete-model", body)
     except GpuBridgeError as exc:
@@ -452,6 +457,7 @@ def _models_pull(ctx: _Ctx) -> int:
         final = _follow(ctx, name, poll, ref=f"{job_id} --url {ctx.url}")
         return _pull_outcome(ctx, name, final, [ctx.gpu.host.label])
 
+    assert ctx.backend is not None  # a backend URL: _Ctx set backend (gpu is None)
     body = {"model": name, "wait": False}
     if ctx.args.hosts:
         body["hosts"] = ctx.args.hosts
@@ -469,7 +475,8 @@ def _models_pull(ctx: _Ctx) -> int:
                   f"{pull_id}`)", file=ctx.out)
         return 0
 
-    def poll() -> dict:
+    def poll_backend() -> dict:
+        assert ctx.backend is not None  # narrowed above, but not inside this closure
         s = ctx.backend.call("GET", f"/config/pull-status/{quote(pull_id, safe='')}")
         statuses = []
         failures = {}
@@ -484,7 +491,7 @@ def _models_pull(ctx: _Ctx) -> int:
                 "status": status, "raw": s, "done": bool(s.get("done")), "failures": failures}
 
     pulling = sum(1 for r in (started.get("results") or {}).values() if r.get("ok"))
-    final = _follow(ctx, name, poll, ref=pull_id, hosts=pulling)
+    final = _follow(ctx, name, poll_backend, ref=pull_id, hosts=pulling)
     return _pull_outcome(ctx, name, final, list((final["raw"].get("results") or {}).keys()))
 
 
@@ -581,6 +588,7 @@ def _jobs(ctx: _Ctx) -> int:
         else:
             _table([_job_row(j) for j in jobs], ["ID", "STATE", "PERCENT", "MODEL", "STATUS"], ctx.out)
         return 0
+    assert ctx.backend is not None  # a backend URL: _Ctx set backend (gpu is None)
     if a.id:
         if a.cancel:
             data = ctx.backend.call("POST", "/config/cancel-pull", {"id": a.id})
@@ -637,6 +645,7 @@ def cmd_health(args) -> int:
                     print(f"  gpu: not available ({gpu.get('error') or 'no devices'})", file=ctx.out)
                 print(f"  pulls: {pulls.get('running', 0)} running, {pulls.get('queued', 0)} queued", file=ctx.out)
             return 0 if doc.get("status") == "ok" else 1
+        assert ctx.backend is not None  # a backend URL: _Ctx set backend (gpu is None)
         doc = ctx.backend.call("GET", "/health")
         if ctx.json:
             ctx.dump(doc)
