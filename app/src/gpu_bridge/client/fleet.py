@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from .. import names
 from ..config import BackendSettings, GpuHost
@@ -203,7 +204,7 @@ class GpuFleet:
         return fut
 
     def fan_out(self, labels: list[str], method: str, *args,
-                deadline: float | None = None) -> dict[str, tuple[bool, object]]:
+                deadline: float | None = None) -> dict[str, tuple[bool, Any]]:
         """``method(*args)`` on each host in parallel: {label: (True, result) | (False, GpuBridgeError)}.
 
         With a ``deadline`` (seconds), hosts that have not answered by then get ``GpuHostTimeout``. A
