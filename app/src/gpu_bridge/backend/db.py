@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import overload
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -114,6 +115,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
+@overload
+def as_utc(value: datetime | None) -> datetime | None: ...
 def as_utc(value: datetime | None) -> datetime | None:
     """SQLite gives naive datetimes back: they were stored as UTC."""
     if value is None:
