@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from .. import __version__
 from ..config import DEFAULT_ALLOWED_REGISTRIES
@@ -48,7 +49,7 @@ def openapi_document(hosts: list[str] | None = None,
         return {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH, "pattern": name_pattern(registries),
                 "example": "llama3.2:latest"}
 
-    model_body = {
+    model_body: dict[str, Any] = {
         "type": "object", "required": ["model"],
         "properties": {
             "model": model_field(None),
@@ -75,7 +76,7 @@ def openapi_document(hosts: list[str] | None = None,
         },
     }
     failed = "every selected GPU host failed: the common status of the failures (else 502); body names the hosts"
-    document = {
+    document: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "gpu-bridge backend", "version": __version__,
                  "description": "Model management on the GPU hosts for the production web app. State-changing "
