@@ -16,8 +16,10 @@ import time
 import traceback
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import cast
 
 from flask import Flask, Response, g, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
@@ -119,7 +121,8 @@ def create_app(config: BackendSettings | Mapping[str, str] | None = None, *, tra
     app = Flask("gpu_bridge.backend", static_folder=None)
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
+    # cast: app.json is typed as the base JSONProvider; Flask's default provider, the one in use, has sort_keys
+    cast(DefaultJSONProvider, app.json).sort_keys = False
     app.extensions[EXTENSION] = BackendState(settings, db, fleet)
     log.info({"msg": "backend ready", "version": __version__, "transport": fleet.transport_kind,
               "gpu_hosts": fleet.labels, "database": db.dialect, "schema_version": version,

@@ -19,8 +19,10 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
 from flask import Flask, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
@@ -139,7 +141,8 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
 
     app = Flask(__name__, static_folder=None)  # a JSON API: no static route
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
+    # cast: app.json is typed as the base JSONProvider; Flask's default provider, the one in use, has sort_keys
+    cast(DefaultJSONProvider, app.json).sort_keys = False
     # Model names contain "/": "a//b" must reach the name check (400), not a merge-slashes redirect.
     app.url_map.merge_slashes = False
 
