@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -140,6 +141,8 @@ def list_models():
                 break
     # A host that did not answer (timeout, down, breaker open) contributes its last good list, marked
     # stale with its age: the listing never waits for a sick host and never forgets its models.
+    cached: dict[str, list[dict]]
+    fetched: dict[str, datetime]
     cached, fetched = {}, {}
     if failed:
         try:
@@ -201,7 +204,7 @@ def pull_model():
     if wait and summary["ok"]:
         st.invalidate_listing()
 
-    payload = {"id": pull_id if stored else None, "model": model, "results": results}
+    payload: dict[str, Any] = {"id": pull_id if stored else None, "model": model, "results": results}
     if summary["partial"]:
         payload["partial"] = True
     if not summary["ok"]:
@@ -382,7 +385,7 @@ def delete_model():
             break
     st.invalidate_listing()
     _audit("delete", model, labels, _outcome(summary), {"results": _brief(results)})
-    payload = {"model": model, "results": results}
+    payload: dict[str, Any] = {"model": model, "results": results}
     if summary["partial"]:
         payload["partial"] = True
     if not summary["ok"]:
