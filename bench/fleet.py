@@ -28,14 +28,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import requests
 from faultproxy import FaultProxy
 
 from bench import REPO
 from bench.measure import HttpClient, median, percentile, summary
-from bench.procs import Proc, Stack, _children, auth
+from bench.procs import Proc, Stack, auth, tree_files
 from support.procs import emulator_control, wait_until
 
 SCALE_NS = (1, 4, 16, 64)
@@ -65,19 +64,10 @@ FLEET_QUICK = FleetProfile(30, 2.0, 5, 150, 2.0, 1, 10_000_000, 10e6, 75)
 # --- CPU time ----------------------------------------------------------------------------------------------------
 def tree_cpu_s(pid: int) -> float:
     """utime + stime of ``pid`` and its descendants (all threads), in seconds; /proc's clock ticks."""
-    total, stack, seen = 0, [pid], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        try:
-            stat = Path(f"/proc/{current}/stat").read_text()
-        except OSError:
-            continue
+    total = 0
+    for _, stat in tree_files(pid, "stat"):
         fields = stat.rpartition(")")[2].split()
         total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-        stack.extend(_children(current))
     return total / CLK_TCK
 
 

@@ -41,26 +41,32 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def tree_rss_kib(pid: int) -> int | None:
-    """VmRSS of ``pid`` and all its descendants, in KiB (None when the process is gone)."""
-    total, stack, seen = 0, [pid], set()
+def tree_files(pid: int, name: str):
+    """(pid, text of /proc/<pid>/<name>) for ``pid`` and all its descendants that are still there."""
+    stack, seen = [pid], set()
     while stack:
         current = stack.pop()
         if current in seen:
             continue
         seen.add(current)
         try:
-            status = Path(f"/proc/{current}/status").read_text()
+            text = Path(f"/proc/{current}/{name}").read_text()
         except OSError:
-            if current == pid:
-                return None
             continue
+        yield current, text
+        stack.extend(_children(current))
+
+
+def tree_rss_kib(pid: int) -> int | None:
+    """VmRSS of ``pid`` and all its descendants, in KiB (None when the process is gone)."""
+    total, found = 0, False
+    for current, status in tree_files(pid, "status"):
+        found = found or current == pid
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
                 break
-        stack.extend(_children(current))
-    return total
+    return total if found else None
 
 
 class Proc:

@@ -11,11 +11,9 @@ from hostile_helpers import (
     GPU_TOKEN,
     STATE_CHANGING,
     backend_config,
-    gpu_config,
 )
 
 from gpu_bridge.backend import create_app as create_backend
-from gpu_bridge.gpu_server import create_app as create_gpu_server
 from support.procs import free_port
 
 SAMPLE_VALUES = {"name": "llama3.2:latest", "job_id": "0123456789abcdef0123456789abcdef",
@@ -52,14 +50,6 @@ def _calls(app):
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             path = adapter.build(rule.endpoint, values, method=method)
             yield method, path, rule.endpoint
-
-
-@pytest.fixture(scope="module")
-def gpu_app():
-    app = create_gpu_server(gpu_config(f"http://127.0.0.1:{free_port()}"))  # Ollama: a closed port
-    app.testing = True
-    yield app
-    app.extensions["gpu_bridge"].close()
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,10 @@ import requests
 from hostile_helpers import ADMIN_AUTH, GPU_AUTH, backend_config, gpu_config, gunicorn
 
 from gpu_bridge.backend import create_app as create_backend
-from gpu_bridge.gpu_server import create_app as create_gpu_server
 from gpu_bridge.request_guard import json_depth
 from support.procs import VENV_BIN, QuickStopProcess, free_port
 
 FOREIGN_PEER = "192.0.2.50"  # TEST-NET-1: never this machine
-
-
-@pytest.fixture(scope="module")
-def gpu_app():
-    app = create_gpu_server(gpu_config(f"http://127.0.0.1:{free_port()}"))  # Ollama: a closed port
-    app.testing = True
-    yield app
-    app.extensions["gpu_bridge"].close()
 
 
 def _loopback_backend(tmp_path, **extra):

@@ -30,6 +30,7 @@ from .config import (
     ClientSettings,
     GpuHost,
     read_secret,
+    read_secret_file,
     tls_client_files,
 )
 from .errors import ConfigError, GpuBridgeError, GpuHostError
@@ -302,16 +303,7 @@ def read_token_file(path: str | None) -> str | None:
     command line, where every user sees them in ``ps``; a file, the environment or credentials do."""
     if path is None:
         return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            token = fh.read().strip()
-    except OSError as exc:
-        raise ConfigError(f"--token-file: cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--token-file: {path} is not UTF-8 text") from None
-    if not token:
-        raise ConfigError(f"--token-file: {path} is empty")
-    return token
+    return read_secret_file(path, "--token-file")
 
 
 class _Ctx:

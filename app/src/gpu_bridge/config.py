@@ -102,17 +102,23 @@ def read_secret(env: Mapping[str, str], file_var: str, value_var: str, credentia
         if candidate and os.path.exists(candidate):
             path = candidate
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                secret = fh.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"{file_var}: cannot read {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{file_var}: {path} is not UTF-8 text") from None
-        if not secret:
-            raise ConfigError(f"{file_var}: {path} is empty")
-        return secret
+        return read_secret_file(path, file_var)
     return _get(env, value_var)
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """A secret file's text, stripped; ``ConfigError`` naming ``what`` (the variable or option that
+    named the file) when it cannot be read, is not UTF-8 or is empty."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            secret = fh.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text") from None
+    if not secret:
+        raise ConfigError(f"{what}: {path} is empty")
+    return secret
 
 
 def _readable_file(env: Mapping[str, str], name: str) -> str | None:
