@@ -12,7 +12,9 @@ def test_no_listing_failed_or_saw_a_refused_token_during_the_rotation(host, phas
     if phase != "restored":
         pytest.skip("the rotation runs in side_effect (phase restored)")
     counts = json.loads(host.file("/run/rotation-loop.json").content_string)
-    print(f"\nrotation loop: {counts}")
+    print(f"\nrotation loop: {counts['sent']} listings, status {counts['status']}, "
+          f"{counts['unauthorized']} with a refused token, {counts['stale_hosts']} stale host answers, "
+          f"{counts['backend_down']} refused while the backend restarted")
     assert counts["done"] is True
     assert counts["sent"] >= 50, counts  # the loop ran through the three steps
     assert counts["unauthorized"] == 0, counts["examples"]
