@@ -65,8 +65,8 @@ def read_body(request: Request, limit: int, setting: str = "GPU_BRIDGE_MAX_BODY_
     # No Content-Length: a chunked body (or none). Read the server's own stream, which decodes the
     # chunks, one byte past the limit: Werkzeug's limited stream would stop at the limit silently.
     stream = request.environ.get("wsgi.input")
-    if stream is None or request.method in ("GET", "HEAD", "OPTIONS", "DELETE") and \
-            "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+    if stream is None or (request.method in ("GET", "HEAD", "OPTIONS", "DELETE")
+                          and "chunked" not in request.headers.get("Transfer-Encoding", "").lower()):
         return b""
     data = stream.read(limit + 1)
     if len(data) > limit:

@@ -8,7 +8,6 @@ through ``GpuTransport``): ``GPU_BRIDGE_TRANSPORT=http|nfs`` switches the channe
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import sys
@@ -28,7 +27,7 @@ from ..client.fleet import GpuFleet
 from ..client.http import current_request_id
 from ..config import BackendSettings
 from ..errors import ConfigError, GpuBridgeError, InvalidRequest, RateLimited, Unauthorized
-from ..request_guard import is_loopback_peer, request_id
+from ..request_guard import is_loopback_name, is_loopback_peer, request_id
 from .db import Database
 
 log = logging.getLogger("gpu_bridge.backend")
@@ -63,19 +62,8 @@ def _setup_logging() -> None:
 def is_loopback_bind(bind: str) -> bool:
     """``127.0.0.1:8000``, ``localhost:8000``, ``[::1]:8000`` and ``unix:/path`` stay on this machine."""
     bind = bind.strip()
-    if bind.startswith("unix:"):
-        return True
-    host = bind
-    if host.startswith("["):
-        host = host[1:].partition("]")[0]
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    # host:port is parsed as in a Host header: one place knows what names this machine.
+    return bind.startswith("unix:") or is_loopback_name(bind)
 
 
 def check_settings(settings: BackendSettings) -> None:
