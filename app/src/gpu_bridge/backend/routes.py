@@ -8,14 +8,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 
 from .. import __version__, names
 from ..client.fleet import merge_models, summarize, utc_now_iso
 from ..errors import GpuBridgeError, InvalidRequest, NotFound
+from ..logs import Fields
 from ..request_guard import json_object, read_body, refuse_browser_requests
-from .app import EXTENSION, BackendState, auth_required, require_admin
+from .state import BackendState, auth_required, current_state, require_admin
 from .db import DatabaseUnavailable, iso
 from .openapi import openapi_document
 
@@ -27,12 +28,13 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _state() -> BackendState:
-    return current_app.extensions[EXTENSION]
+    return current_state()
 
 
 def _db_failed(what: str, exc: Exception) -> None:
-    log.error({"event": "database_error", "request_id": g.get("request_id"), "what": what,
-               "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+    # The first line only: a driver's message can run to pages (the statement and its parameters).
+    log.error(Fields(message=f"database error: {what}", event="database_error", what=what,
+                     error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
 
 
 # --- request bodies -------------------------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""What the backend's routes share, and who may change state.
+
+Apart from app.py (the factory) so that routes.py and app.py both import it and neither imports
+the other: no import circle.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import current_app, request
+
+from ..client.fleet import GpuFleet
+from ..config import BackendSettings
+from ..errors import Unauthorized
+from ..request_guard import is_loopback_name, is_loopback_peer
+from ..web import check_bearer
+from .db import Database
+
+EXTENSION = "gpu_bridge_backend"
+
+
+def is_loopback_bind(bind: str) -> bool:
+    """``127.0.0.1:8000``, ``localhost:8000``, ``[::1]:8000`` and ``unix:/path`` stay on this machine."""
+    bind = bind.strip()
+    # host:port is parsed as in a Host header: one place knows what names this machine.
+    return bind.startswith("unix:") or is_loopback_name(bind)
+
+
+class BackendState:
+    """What the routes share: settings, database, fleet, the short-lived listing memo."""
+
+    def __init__(self, settings: BackendSettings, db: Database, fleet: GpuFleet):
+        self.settings = settings
+        self.db = db
+        self.fleet = fleet
+        self.started = time.monotonic()
+        self.auth_required = not is_loopback_bind(settings.bind)
+        # (monotonic time it was stored, the /config/models answer)
+        self.listing_memo: tuple[float, dict[str, Any]] | None = None
+        self.admin_tokens = (settings.admin_token.encode("utf-8"),) if settings.admin_token else ()
+
+    def invalidate_listing(self) -> None:
+        self.listing_memo = None
+
+
+def current_state() -> BackendState:
+    """The state of the app serving this request."""
+    state: BackendState = current_app.extensions[EXTENSION]
+    return state
+
+
+def auth_required(state: BackendState) -> bool:
+    """Whether this request needs the admin token: when the backend listens beyond loopback, and
+    whenever the TCP peer is not this machine, whatever GPU_BRIDGE_BACKEND_BIND says (gunicorn's
+    --bind or GUNICORN_CMD_ARGS can bind elsewhere than the setting)."""
+    return state.auth_required or not is_loopback_peer(request)
+
+
+def require_admin(state: BackendState) -> None:
+    """State-changing routes: when the request may come from beyond loopback, an admin token is required."""
+    if not auth_required(state):
+        return
+    if not state.admin_tokens:
+        raise Unauthorized(f"this request comes from {request.remote_addr}, beyond this machine, and the backend "
+                           "has no admin token: set GPU_BRIDGE_BACKEND_TOKEN_FILE on the backend, or call it on "
+                           "loopback")
+    wanted = ("admin token required: send 'Authorization: Bearer <token>' with the backend's "
+              "GPU_BRIDGE_BACKEND_TOKEN")
+    check_bearer(state.admin_tokens, missing=wanted, invalid=wanted)
+
+
+__all__ = ["EXTENSION", "BackendState", "auth_required", "current_state", "is_loopback_bind", "require_admin"]
