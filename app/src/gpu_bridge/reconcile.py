@@ -47,6 +47,9 @@ DRIFT_KINDS = ("missing", "extra", "diverged", "not_loaded", "unreachable")
 # The order a host's actions run in: deletes free disk first, pulls before loads of the same model.
 OPS = ("delete", "pull", "update", "load")
 SNAPSHOT_SUFFIX = "-gpubridge-prev"
+# Holds the current build while an update pulls (so Ollama's pruning keeps its blobs); renamed to the
+# snapshot only when the pull brought a different digest, removed afterwards either way.
+STAGING_SUFFIX = "-gpubridge-next"
 _TAG_LIMIT = 80  # names.py: a tag has at most 80 characters
 _ENTRY_KEYS = frozenset({"name", "state", "loaded", "keep_alive"})
 
@@ -56,22 +59,32 @@ def model_key(name: str) -> str:
     return names.parse(name).full.lower()
 
 
-def snapshot_name(name: str) -> str:
-    """Where the previous build of ``name`` is kept: the tag plus ``-gpubridge-prev`` (in the same
-    namespace, so it lists beside its model). A tag too long for the suffix is shortened and given a
-    hash of the whole name, so two long tags never share a snapshot."""
+def _suffixed(name: str, suffix: str) -> str:
     parsed = names.parse(name)
-    tag = parsed.tag + SNAPSHOT_SUFFIX
+    tag = parsed.tag + suffix
     if len(tag) > _TAG_LIMIT:
         digest = hashlib.sha256(parsed.full.lower().encode()).hexdigest()[:8]
-        tag = f"{parsed.tag[:_TAG_LIMIT - len(SNAPSHOT_SUFFIX) - 9]}-{digest}{SNAPSHOT_SUFFIX}"
+        tag = f"{parsed.tag[:_TAG_LIMIT - len(suffix) - 9]}-{digest}{suffix}"
     base = parsed.display.rsplit(":", 1)[0]
     return f"{base}:{tag}"
 
 
+def snapshot_name(name: str) -> str:
+    """Where the previous build of ``name`` is kept: the tag plus ``-gpubridge-prev`` (in the same
+    namespace, so it lists beside its model). A tag too long for the suffix is shortened and given a
+    hash of the whole name, so two long tags never share a snapshot."""
+    return _suffixed(name, SNAPSHOT_SUFFIX)
+
+
+def staging_name(name: str) -> str:
+    """Where an update parks the current build while it pulls (see STAGING_SUFFIX)."""
+    return _suffixed(name, STAGING_SUFFIX)
+
+
 def is_snapshot(name: str) -> bool:
+    """A name gpu-bridge manages for rollback (a snapshot, or an update's staging copy)."""
     try:
-        return names.parse(name).tag.endswith(SNAPSHOT_SUFFIX)
+        return names.parse(name).tag.endswith((SNAPSHOT_SUFFIX, STAGING_SUFFIX))
     except InvalidModelName:
         return False
 
@@ -130,7 +143,7 @@ class Observed:
         resident = None
         if loaded is not None:
             resident = frozenset(model_key(n) for e in loaded if isinstance(n := e.get("name"), str)
-                                 and _parses(n))
+                                 and valid_name(n))
         return cls(host, held, resident)
 
 
@@ -165,7 +178,7 @@ class Action:
         return out
 
 
-def _parses(name: str) -> bool:
+def valid_name(name: str) -> bool:
     try:
         names.parse(name)
     except InvalidModelName:
@@ -276,7 +289,8 @@ def _kept_snapshot(name: str, declared: Mapping[str, Declared]) -> bool:
     """A snapshot stays while its model is declared present (prune never takes the rollback away)."""
     if not is_snapshot(name):
         return False
-    return any(d.state == PRESENT and model_key(snapshot_name(d.name)) == model_key(name)
+    key = model_key(name)
+    return any(d.state == PRESENT and key in (model_key(snapshot_name(d.name)), model_key(staging_name(d.name)))
                for d in declared.values())
 
 
