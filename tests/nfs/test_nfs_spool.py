@@ -55,7 +55,7 @@ def test_temp_names_are_dot_names_in_the_tmp_dir(tmp_path, monkeypatch):
         seen.append(src)
         real_rename(src, dst)
 
-    monkeypatch.setattr(spool.os, "rename", spy)
+    monkeypatch.setattr(spool.files.os, "rename", spy)
     spool.write_atomic(str(tmp_path), str(tmp_path / "x"), b"data")
     assert os.path.dirname(seen[0]) == str(tmp_path)
     assert os.path.basename(seen[0]).startswith(".")
@@ -69,7 +69,7 @@ def test_publish_treats_a_rename_that_happened_as_success(tmp_path, monkeypatch)
         real_rename(src, dst)
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", src)
 
-    monkeypatch.setattr(spool.os, "rename", rename_then_fail)
+    monkeypatch.setattr(spool.files.os, "rename", rename_then_fail)
     spool.write_atomic(str(tmp_path), str(tmp_path / "final"), b"hello")
     assert (tmp_path / "final").read_bytes() == b"hello"
 
@@ -78,14 +78,14 @@ def test_publish_reports_a_real_failure_and_cleans_up(tmp_path, monkeypatch):
     def fail(src, dst):
         raise PermissionError(errno.EACCES, "Permission denied", dst)
 
-    monkeypatch.setattr(spool.os, "rename", fail)
+    monkeypatch.setattr(spool.files.os, "rename", fail)
     with pytest.raises(PermissionError):
         spool.write_atomic(str(tmp_path), str(tmp_path / "final"), b"hello")
     assert os.listdir(tmp_path) == []  # the temp file is gone too
 
 
 def test_write_atomic_checks_short_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(spool.os, "write", lambda fd, data: 0)
+    monkeypatch.setattr(spool.files.os, "write", lambda fd, data: 0)
     with pytest.raises(OSError, match="short write"):
         spool.write_atomic(str(tmp_path), str(tmp_path / "final"), b"hello")
     assert os.listdir(tmp_path) == []
@@ -130,7 +130,7 @@ def test_host_ids_must_be_one_safe_path_component(bad):
 
 def test_mount_options_constant_documents_the_cache_settings():
     assert spool.COMMAND_MOUNT_OPTIONS == "vers=4.2,hard,lookupcache=positive,acdirmin=0,acdirmax=1,_netdev"
-    assert "lookupcache=positive" in spool.__doc__ and "directory attribute cache" in spool.__doc__
+    assert "lookupcache=positive" in spool.share.__doc__ and "directory attribute cache" in spool.share.__doc__
 
 
 # --- the share ------------------------------------------------------------------------------------
@@ -176,12 +176,12 @@ def test_check_share_refusals(tmp_path, monkeypatch):
     spool.init_share(str(tmp_path))
     assert spool.check_share(str(tmp_path), require_mount=False)["format"] == 1
     # Not mounted: only "/" is a mount point above the root.
-    monkeypatch.setattr(spool.os.path, "ismount", lambda p: p == "/")
+    monkeypatch.setattr(spool.share.os.path, "ismount", lambda p: p == "/")
     with pytest.raises(ShareNotReady, match="not mounted"):
         spool.check_share(str(tmp_path), require_mount=True)
     # Mounted at an ancestor (e.g. /mnt/shared mounted, root below it).
     parent = os.path.realpath(tmp_path)
-    monkeypatch.setattr(spool.os.path, "ismount", lambda p: p in ("/", parent))
+    monkeypatch.setattr(spool.share.os.path, "ismount", lambda p: p in ("/", parent))
     assert spool.check_share(str(tmp_path), require_mount=True)
 
 
@@ -275,7 +275,7 @@ def test_nfs_heartbeat_cli_says_when_it_may_not_read_the_share(share, monkeypatc
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
     monkeypatch.setenv("GPU_BRIDGE_NFS_ROOT", str(share))
-    monkeypatch.setattr(spool, "read_json", refused)
+    monkeypatch.setattr(spool.liveness, "read_json", refused)
     assert cli.main(["nfs-heartbeat", "--host-id", "gpu-01", "--timeout", "30"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
