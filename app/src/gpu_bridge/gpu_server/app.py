@@ -13,11 +13,9 @@ import json
 import logging
 import re
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import cast
 
@@ -28,61 +26,24 @@ from werkzeug.exceptions import HTTPException
 from .. import __version__
 from ..config import GpuServerSettings, token_lines
 from ..errors import ConfigError, GpuBridgeError, InvalidRequest, RateLimited, Unauthorized
-from ..job_state import JobStateFile
-from ..jobs import JobManager
-from ..ollama import OllamaAdapter
+from ..gpu_service import GpuService
 from ..request_guard import REQUEST_ID_HEADER, method_label, read_body, request_id
-from .health import GpuProbe, OllamaProbe
 from .metrics import Metrics
 from .ratelimit import TokenBucket
+from .state import EXTENSION, ServerState
 
 log = logging.getLogger("gpu_bridge.gpu_server")
 access_log = logging.getLogger("gpu_bridge.access")
 
-EXTENSION = "gpu_bridge"
 # Endpoints reachable without a token (metrics only when GPU_BRIDGE_METRICS_PUBLIC=true).
 OPEN_ENDPOINTS = frozenset({"api.health"})
 HEALTH_ROUTE = "/api/health"
-# Health and ready must answer quickly even when Ollama hangs.
-PROBE_READ_TIMEOUT = 5.0
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout", 409: "conflict",
                411: "length_required", 413: "payload_too_large", 414: "uri_too_long",
                415: "unsupported_media_type", 429: "rate_limited", 431: "headers_too_large",
                500: "internal_error", 501: "not_implemented"}
-
-
-def probe_read_timeout(settings: GpuServerSettings) -> float:
-    return min(settings.ollama_read_timeout, PROBE_READ_TIMEOUT)
-
-
-@dataclass
-class ServerState:
-    """Everything the routes share; one per app (``app.extensions["gpu_bridge"]``)."""
-
-    settings: GpuServerSettings
-    adapter: OllamaAdapter
-    jobs: JobManager
-    metrics: Metrics
-    gpu: GpuProbe
-    limiter: TokenBucket
-    tokens: tuple[bytes, ...]  # every accepted token (one per line of the token file); empty: no auth
-    ollama_probe: OllamaProbe
-    started: float = field(default_factory=time.monotonic)
-    # ?wait=true holds a gunicorn thread for a whole pull: at most max_waiting_pulls at once, so
-    # health, ready and metrics always find a thread (a 429 tells the rest to poll the job).
-    wait_slots: threading.BoundedSemaphore = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.wait_slots = threading.BoundedSemaphore(max(self.settings.max_waiting_pulls, 1))
-
-    def probe_read_timeout(self) -> float:
-        return probe_read_timeout(self.settings)
-
-    def close(self) -> None:
-        self.jobs.shutdown()
-        self.adapter.close()
 
 
 def check_settings(settings: GpuServerSettings) -> None:
@@ -146,22 +107,16 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
     # Model names contain "/": "a//b" must reach the name check (400), not a merge-slashes redirect.
     app.url_map.merge_slashes = False
 
-    adapter = OllamaAdapter(settings.ollama_url, connect_timeout=settings.ollama_connect_timeout,
-                            read_timeout=settings.ollama_read_timeout)
-    state_box: dict = {}
-    metrics = Metrics(pull_counts=lambda: state_box["state"].jobs.counts(),
-                      ollama_up=lambda: state_box["state"].ollama_probe.status()["reachable"],
-                      gpu_snapshot=lambda: state_box["state"].gpu.snapshot())
-    jobs = JobManager(adapter, max_concurrent=settings.max_concurrent_pulls, max_queued=settings.max_queued_pulls,
-                      stall_timeout=settings.pull_stall_timeout, retention=settings.job_retention_seconds,
-                      on_change=metrics.job_changed, allowed_registries=settings.allowed_registries,
-                      # A reload's new worker process takes the pulls over from this file (job_state.py).
-                      state=JobStateFile(settings.job_state_file) if settings.job_state_file else None)
-    state = ServerState(settings=settings, adapter=adapter, jobs=jobs, metrics=metrics, gpu=GpuProbe(),
+    services: list[GpuService] = []  # the metrics' callbacks run at scrape time, after it is built
+    metrics = Metrics(pull_counts=lambda: services[0].pull_counts(),
+                      ollama_up=lambda: bool(services[0].ollama_status()["reachable"]),
+                      gpu_snapshot=lambda: services[0].gpu_snapshot())
+    # persist_jobs: a reload's new worker process takes the pulls over from the job state file.
+    service = GpuService(settings, on_job_change=metrics.job_changed, persist_jobs=True)
+    services.append(service)
+    state = ServerState(settings=settings, service=service, metrics=metrics,
                         limiter=TokenBucket(settings.rate_limit_per_minute),
-                        tokens=tuple(t.encode("utf-8") for t in token_lines(settings.api_token)),
-                        ollama_probe=OllamaProbe(adapter, probe_read_timeout(settings)))
-    state_box["state"] = state
+                        tokens=tuple(t.encode("utf-8") for t in token_lines(settings.api_token)))
     app.extensions[EXTENSION] = state
 
     _install_hooks(app, state)

@@ -1,36 +1,50 @@
-"""The GPU server's routes (``/api/*`` and ``/metrics``); shapes in docs/architecture.md."""
+"""The GPU server's routes (``/api/*`` and ``/metrics``); shapes in docs/architecture.md.
+
+Each route is HTTP's translation of one ``GpuService`` operation (gpu_service.py, where the rules
+live): query flags, the ``?wait=true`` slots, status codes and headers stay here; what a name, a pull
+or a delete means is decided there, the same for the NFS channel.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
-import time
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
 
-from .. import __version__, names
-from ..errors import InvalidRequest, OllamaError, OllamaUnavailable, RateLimited
-from ..jobs import check_free_space
-from .app import EXTENSION, ServerState
+from .. import __version__
+from ..errors import InvalidRequest, RateLimited
+from ..gpu_service import GpuService
 from .openapi import build_document
+from .state import EXTENSION, ServerState
 
 log = logging.getLogger("gpu_bridge.gpu_server")
 api = Blueprint("api", __name__)
 
 _TRUE = ("1", "true", "yes", "on")
-WAIT_RETRY_AFTER = 5  # seconds; a pull that someone waits for rarely ends sooner
 _FALSE = ("", "0", "false", "no", "off")
+WAIT_RETRY_AFTER = 5  # seconds; a pull that someone waits for rarely ends sooner
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _state() -> ServerState:
-    return current_app.extensions[EXTENSION]
+    return cast(ServerState, current_app.extensions[EXTENSION])
 
 
-def rate_limited(view):
+def _service() -> GpuService:
+    return _state().service
+
+
+def rate_limited(view: Callable[P, R]) -> Callable[P, R]:
     """Routes that change state take a token from the process-wide bucket (429 + Retry-After when empty)."""
 
     @functools.wraps(view)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         state = _state()
         wait = state.limiter.acquire()
         if wait:
@@ -52,42 +66,28 @@ def _flag(name: str) -> bool:
 
 # --- health -------------------------------------------------------------------------------------
 @api.get("/api/health")
-def health():
-    state = _state()
-    ollama = state.ollama_probe.status()
-    gpu = state.gpu.snapshot()
-    return jsonify({
-        "status": "ok" if ollama["reachable"] and gpu["available"] else "degraded",
-        "version": __version__,
-        "uptime_seconds": round(time.monotonic() - state.started, 1),
-        "ollama": ollama,
-        "gpu": gpu,
-        "pulls": state.jobs.counts(),
-    })
+def health() -> ResponseReturnValue:
+    return jsonify(_service().health())
 
 
 @api.get("/api/ready")
-def ready():
-    state = _state()
-    try:
-        state.adapter.version(read_timeout=state.probe_read_timeout())
-    except OllamaError as exc:
-        raise OllamaUnavailable(f"not ready: {exc.message}") from None
-    return jsonify({"ready": True})
+def ready() -> ResponseReturnValue:
+    return jsonify(_service().ready())
 
 
 # --- models -------------------------------------------------------------------------------------
 @api.get("/api/models")
-def list_models():
-    return jsonify({"models": _state().adapter.list_models()})
+def list_models() -> ResponseReturnValue:
+    return jsonify({"models": _service().list_models()})
 
 
 @api.post("/api/models/<path:name>")
 @rate_limited
-def pull_model(name: str):
+def pull_model(name: str) -> ResponseReturnValue:
     state = _state()
-    # Werkzeug decoded %2F before routing: the decoded name is what the grammar checks.
-    parsed = names.validate(name, state.settings.allowed_registries)
+    # Werkzeug decoded %2F before routing: the decoded name is what the grammar checks. A refused
+    # name is answered before the wait flag is read or a wait slot taken.
+    state.service.model_to_pull(name)
     wait = _flag("wait")
     # A wait slot is taken before anything starts: a refused wait starts no pull.
     if wait and not (state.settings.max_waiting_pulls and state.wait_slots.acquire(blocking=False)):
@@ -95,21 +95,18 @@ def pull_model(name: str):
                           "(GPU_BRIDGE_MAX_WAITING_PULLS): start the pull without ?wait=true and poll "
                           "GET /api/jobs/<id>", retry_after=WAIT_RETRY_AFTER, code="too_many_waits")
     try:
-        return _start_pull(state, parsed.display, wait)
+        return _start_pull(state.service, name, wait)
     finally:
         if wait:
             state.wait_slots.release()
 
 
-def _start_pull(state: ServerState, name: str, wait: bool):
-    if state.jobs.find_active(name) is None:
-        check_free_space(state.settings.ollama_models_dir, state.settings.min_free_bytes)  # joining needs none
-    job, joined = state.jobs.submit(name)
+def _start_pull(service: GpuService, name: str, wait: bool) -> ResponseReturnValue:
+    job, joined = service.pull(name)
     headers = {"Location": f"/api/jobs/{job.id}"}
     if not wait:
         return jsonify({**job.to_dict(), "joined": joined}), 202, headers
-    # Bounded by stall detection (a pull without progress fails), not by a fixed total deadline.
-    job = state.jobs.wait(job.id)
+    job = service.wait(job.id)
     body = {**job.to_dict(), "joined": joined}
     if job.state == "succeeded":
         return jsonify(body), 200, headers
@@ -122,39 +119,36 @@ def _start_pull(state: ServerState, name: str, wait: bool):
 
 @api.delete("/api/models/<path:name>")
 @rate_limited
-def delete_model(name: str):
-    # Deleting fetches nothing, so the registry allow-list does not apply; the grammar does.
-    parsed = names.parse(name)
-    _state().adapter.delete(parsed.display)
-    return jsonify({"deleted": parsed.display})
+def delete_model(name: str) -> ResponseReturnValue:
+    return jsonify(_service().delete(name))
 
 
 # --- jobs ---------------------------------------------------------------------------------------
 @api.get("/api/jobs")
-def list_jobs():
-    return jsonify({"jobs": [job.to_dict() for job in _state().jobs.list()]})
+def list_jobs() -> ResponseReturnValue:
+    return jsonify({"jobs": [job.to_dict() for job in _service().list_jobs()]})
 
 
 @api.get("/api/jobs/<job_id>")
-def get_job(job_id: str):
-    return jsonify(_state().jobs.get(job_id).to_dict())
+def get_job(job_id: str) -> ResponseReturnValue:
+    return jsonify(_service().job(job_id).to_dict())
 
 
 @api.delete("/api/jobs/<job_id>")
 @rate_limited
-def cancel_job(job_id: str):
-    return jsonify(_state().jobs.cancel(job_id).to_dict())
+def cancel_job(job_id: str) -> ResponseReturnValue:
+    return jsonify(_service().cancel(job_id).to_dict())
 
 
 # --- metrics and description --------------------------------------------------------------------
 @api.get("/metrics")
-def metrics():
+def metrics() -> ResponseReturnValue:
     body, content_type = _state().metrics.render()
     return Response(body, content_type=content_type)
 
 
 @api.get("/api/openapi.json")
-def openapi():
+def openapi() -> ResponseReturnValue:
     return jsonify(build_document(__version__, _state().settings.allowed_registries))
 
 
