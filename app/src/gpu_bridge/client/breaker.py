@@ -69,10 +69,10 @@ class CircuitBreaker:
                 return 0.0
             return max(0.0, self.cooldown - (self._clock() - self._opened_at))
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, object]:
         with self._lock:
             state = self._current_state()
-            out = {"state": state, "consecutive_failures": self._failures}
+            out: dict[str, object] = {"state": state, "consecutive_failures": self._failures}
             if self._state == OPEN:
                 out["retry_in_s"] = round(max(0.0, self.cooldown - (self._clock() - self._opened_at)), 1)
             if self.last_error is not None:
@@ -151,7 +151,7 @@ class CircuitBreaker:
         else:
             self.record_success(trial=True)
 
-    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+    def call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         trial = self.before_call()
         if trial and self.probe is not None:
             self._run_probe()
