@@ -9,8 +9,10 @@ import pytest
 from flask import Flask, jsonify
 from prod_helpers import StandIn
 
-from gpu_bridge import cli, cli_ops
-from gpu_bridge.cli_ops import Progress, detect, human_bytes, human_duration
+from gpu_bridge import cli
+from gpu_bridge.cli import output, target
+from gpu_bridge.cli.output import Progress, human_bytes, human_duration
+from gpu_bridge.cli.target import detect
 from gpu_bridge.errors import GpuBridgeError
 from support.procs import free_port
 
@@ -101,7 +103,7 @@ def test_refused_backend_is_one_line_that_says_what_to_fix(capsys, monkeypatch):
 
 
 def test_refused_gpu_port_names_the_gpu_service():
-    err = cli_ops._unreachable("http://gpu-01:8001", "connection refused")
+    err = target._unreachable("http://gpu-01:8001", "connection refused")
     assert "cannot reach the GPU server at http://gpu-01:8001" in err.message
     assert "gpu-http-server.service" in err.message
 
@@ -115,7 +117,7 @@ def test_bad_url_and_cancel_without_id(capsys):
 
 def test_default_url(monkeypatch):
     monkeypatch.delenv("GPU_BRIDGE_URL", raising=False)
-    assert cli_ops.target_url(type("A", (), {"url": None})()) == "http://127.0.0.1:8000"
+    assert target.target_url(type("A", (), {"url": None})()) == "http://127.0.0.1:8000"
 
 
 def test_progress_over_several_hosts_says_so_on_both_renderings():
@@ -133,12 +135,12 @@ def test_progress_over_several_hosts_says_so_on_both_renderings():
 
 
 def test_a_host_label_is_said_once():
-    assert cli_ops.once("pulling x failed on every GPU host: gpu-01:8001: gpu-01:8001: model 'x' is not "
-                        "installed") == "pulling x failed on every GPU host: gpu-01:8001: model 'x' is not installed"
-    assert cli_ops.once("gpu-01:8001: gpu-01:8001 refused the connection") == "gpu-01:8001 refused the connection"
-    assert cli_ops.once("gpu-01:8001: gpu-01:80011 x") == "gpu-01:8001: gpu-01:80011 x"  # different hosts
-    assert cli_ops.host_message("gpu-01:8001", "gpu-01:8001 refused") == "gpu-01:8001 refused"
-    assert cli_ops.host_message("gpu-01:8001", "model gone") == "gpu-01:8001: model gone"
+    assert output.once("pulling x failed on every GPU host: gpu-01:8001: gpu-01:8001: model 'x' is not "
+                       "installed") == "pulling x failed on every GPU host: gpu-01:8001: model 'x' is not installed"
+    assert output.once("gpu-01:8001: gpu-01:8001 refused the connection") == "gpu-01:8001 refused the connection"
+    assert output.once("gpu-01:8001: gpu-01:80011 x") == "gpu-01:8001: gpu-01:80011 x"  # different hosts
+    assert output.host_message("gpu-01:8001", "gpu-01:8001 refused") == "gpu-01:8001 refused"
+    assert output.host_message("gpu-01:8001", "model gone") == "gpu-01:8001: model gone"
 
 
 def test_health_table_rows_follow_the_json(capsys):

@@ -21,7 +21,7 @@ import requests
 from conftest import run_cli
 from prod_helpers import TOKEN
 
-from gpu_bridge.cli_ops import utc_time
+from gpu_bridge.cli.output import utc_time
 from support.procs import emulator_control, free_port
 
 pytestmark = pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 from ..config import BackendSettings
@@ -9,7 +10,7 @@ from .app import check_settings
 from .db import Database
 
 
-def cmd_serve_backend(args) -> int:
+def cmd_serve_backend(args: argparse.Namespace) -> int:
     settings = BackendSettings.from_env()
     if getattr(args, "bind", None):
         settings = dataclasses.replace(settings, bind=args.bind)
