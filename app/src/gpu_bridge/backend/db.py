@@ -1,113 +1,34 @@
 """The backend's database: the model-list cache, pull records and an audit log (SQLAlchemy Core).
 
 SQLite by default (a file, WAL mode, busy timeout), PostgreSQL with ``postgresql+psycopg://``.
-The schema is versioned: ``schema_version`` holds one row, and ``MIGRATIONS`` lists ordered steps
-that run on start; each step is written so that running it again is harmless, and no step drops
-data. Add a step to change the schema; never edit a released one.
+The schema and its migrations are in schema.py; ``migrate`` runs them on start.
+
+Retention (retention.py): audit entries and finished pulls older than ``RetentionSettings`` allows
+are deleted when the schema is migrated (every process start) and again at most once an hour, on
+the next audit or pull write; the tables only grow by those writes, so no timer thread is needed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import threading
+import time
 from datetime import UTC, datetime
-from typing import overload
+from typing import Any, overload
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from ..config import RetentionSettings
 from ..errors import ConfigError, GpuBridgeError
+from .retention import PRUNE_BACKLOG_INTERVAL, PRUNE_INTERVAL, is_backlog, prune
+from .schema import LATEST, MIGRATIONS, audit_log, host_listing, model_cache, pulls, schema_version
 
 log = logging.getLogger("gpu_bridge.backend")
 
 _PG_LOCK_ID = 727_301_001  # advisory lock: one migrator at a time on PostgreSQL
-
-metadata = sa.MetaData()
-
-schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
-
-# The latest schema, as the queries below use it. Migrations build it step by step.
-model_cache = sa.Table(
-    "model_cache", metadata,
-    sa.Column("host", sa.String(300), primary_key=True),
-    sa.Column("name", sa.String(600), primary_key=True),
-    sa.Column("data", sa.JSON, nullable=False),
-    sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False),
-)
-host_listing = sa.Table(
-    "host_listing", metadata,
-    sa.Column("host", sa.String(300), primary_key=True),
-    sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("model_count", sa.Integer, nullable=False),
-)
-audit_log = sa.Table(
-    "audit_log", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("action", sa.String(32), nullable=False),
-    sa.Column("model", sa.String(600)),
-    sa.Column("hosts", sa.JSON, nullable=False),
-    sa.Column("outcome", sa.String(16), nullable=False),
-    sa.Column("detail", sa.JSON),
-    sa.Column("request_id", sa.String(128)),  # added in v2
-)
-pulls = sa.Table(
-    "pulls", metadata,  # added in v2
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("model", sa.String(600), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("hosts", sa.JSON, nullable=False),
-)
-
-
-# --- migrations -----------------------------------------------------------------------------------
-def _v1(conn: Connection) -> None:
-    """Model cache, per-host listing times, audit log."""
-    m = sa.MetaData()
-    sa.Table("model_cache", m,
-             sa.Column("host", sa.String(300), primary_key=True),
-             sa.Column("name", sa.String(600), primary_key=True),
-             sa.Column("data", sa.JSON, nullable=False),
-             sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False))
-    sa.Table("host_listing", m,
-             sa.Column("host", sa.String(300), primary_key=True),
-             sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False),
-             sa.Column("model_count", sa.Integer, nullable=False))
-    sa.Table("audit_log", m,
-             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-             sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-             sa.Column("action", sa.String(32), nullable=False),
-             sa.Column("model", sa.String(600)),
-             sa.Column("hosts", sa.JSON, nullable=False),
-             sa.Column("outcome", sa.String(16), nullable=False),
-             sa.Column("detail", sa.JSON))
-    m.create_all(conn, checkfirst=True)
-
-
-def _v2(conn: Connection) -> None:
-    """Pull records (backend pull id → job per host); request id in the audit log."""
-    columns = {c["name"] for c in sa.inspect(conn).get_columns("audit_log")}
-    if "request_id" not in columns:
-        conn.execute(sa.text("ALTER TABLE audit_log ADD COLUMN request_id VARCHAR(128)"))
-    m = sa.MetaData()
-    sa.Table("pulls", m,
-             sa.Column("id", sa.String(64), primary_key=True),
-             sa.Column("model", sa.String(600), nullable=False),
-             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-             sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-             sa.Column("state", sa.String(16), nullable=False),
-             sa.Column("hosts", sa.JSON, nullable=False))
-    m.create_all(conn, checkfirst=True)
-    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_pulls_created_at ON pulls (created_at)"))
-    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_audit_log_at ON audit_log (at)"))
-
-
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2)]
-LATEST = MIGRATIONS[-1][0]
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -173,7 +94,7 @@ def make_engine(url: str) -> Engine:
         engine = sa.create_engine(parsed, connect_args={"timeout": 10})
 
         @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every SQLite test
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - exercised by every SQLite test
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=10000")
@@ -191,10 +112,13 @@ def make_engine(url: str) -> Engine:
 
 
 class Database:
-    def __init__(self, url: str):
+    def __init__(self, url: str, retention: RetentionSettings | None = None):
         self.url = normalize_url(url)
         self.engine = make_engine(self.url)
         self.dialect = self.engine.dialect.name
+        self.retention = retention or RetentionSettings()
+        self._prune_lock = threading.Lock()
+        self._next_prune = 0.0  # time.monotonic() of the next retention run; 0: the first write runs one
 
     # --- schema --------------------------------------------------------------------------------
     def version(self) -> int:
@@ -208,7 +132,8 @@ class Database:
         return conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
 
     def migrate(self, target: int | None = None) -> int:
-        """Bring the schema to ``target`` (default: latest); return the version reached."""
+        """Bring the schema to ``target`` (default: latest); return the version reached. Reaching the
+        latest schema also applies the retention once: this is what every process start runs."""
         try:
             with self.engine.begin() as conn:
                 if self.dialect == "postgresql":
@@ -226,9 +151,12 @@ class Database:
                     conn.execute(schema_version.delete())
                     conn.execute(schema_version.insert().values(version=number))
                     current = number
-                return current
         except SQLAlchemyError as exc:
             raise ConfigError(f"cannot open the database {redact(self.url)}: {_short(exc)}") from None
+        if current == LATEST:
+            with self._prune_lock:
+                self._scheduled_prune()
+        return current
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -238,7 +166,7 @@ class Database:
         self.engine.dispose()
 
     # --- model cache ---------------------------------------------------------------------------
-    def store_host_models(self, host: str, models: list[dict], fetched_at: datetime | None = None) -> None:
+    def store_host_models(self, host: str, models: list[dict[str, Any]], fetched_at: datetime | None = None) -> None:
         """Replace one host's cached list."""
         fetched_at = fetched_at or utcnow()
         rows, seen = [], set()
@@ -258,12 +186,12 @@ class Database:
         with self.engine.begin() as conn:
             conn.execute(model_cache.delete().where(model_cache.c.host == host, model_cache.c.name == name))
 
-    def cached_models(self, hosts: list[str]) -> tuple[dict[str, list[dict]], dict[str, datetime]]:
+    def cached_models(self, hosts: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, datetime]]:
         """({host: [model, ...]}, {host: fetched_at}) for the hosts that have a cached listing."""
         with self.engine.connect() as conn:
             listings = conn.execute(sa.select(host_listing).where(host_listing.c.host.in_(hosts))).all()
             fetched = {row.host: as_utc(row.fetched_at) for row in listings}
-            per_host: dict[str, list[dict]] = {h: [] for h in hosts if h in fetched}
+            per_host: dict[str, list[dict[str, Any]]] = {h: [] for h in hosts if h in fetched}
             rows = conn.execute(sa.select(model_cache.c.host, model_cache.c.data)
                                 .where(model_cache.c.host.in_(list(fetched)))
                                 .order_by(model_cache.c.host, model_cache.c.name)).all()
@@ -272,42 +200,74 @@ class Database:
         return per_host, fetched
 
     # --- audit log -----------------------------------------------------------------------------
-    def audit(self, action: str, model: str | None, hosts: list[str], outcome: str, detail: dict | None = None,
-              request_id: str | None = None) -> None:
+    def audit(self, action: str, model: str | None, hosts: list[str], outcome: str,
+              detail: dict[str, Any] | None = None, request_id: str | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(audit_log.insert().values(at=utcnow(), action=action, model=model, hosts=hosts,
                                                    outcome=outcome, detail=detail, request_id=request_id))
+        self._maybe_prune()
 
-    def audit_entries(self, limit: int = 50) -> list[dict]:
+    def audit_entries(self, limit: int = 50) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)).all()
         return [{"id": r.id, "at": iso(r.at), "action": r.action, "model": r.model, "hosts": r.hosts,
                  "outcome": r.outcome, "detail": r.detail, "request_id": r.request_id} for r in rows]
 
     # --- pulls ---------------------------------------------------------------------------------
-    def create_pull(self, pull_id: str, model: str, state: str, hosts: dict) -> None:
+    def create_pull(self, pull_id: str, model: str, state: str, hosts: dict[str, Any]) -> None:
         now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(pulls.insert().values(id=pull_id, model=model, created_at=now, updated_at=now,
                                                state=state, hosts=hosts))
+        self._maybe_prune()
 
-    def update_pull(self, pull_id: str, state: str, hosts: dict) -> None:
+    def update_pull(self, pull_id: str, state: str, hosts: dict[str, Any]) -> None:
         with self.engine.begin() as conn:
             conn.execute(pulls.update().where(pulls.c.id == pull_id)
                          .values(state=state, hosts=hosts, updated_at=utcnow()))
 
-    def get_pull(self, pull_id: str) -> dict | None:
+    def get_pull(self, pull_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(pulls).where(pulls.c.id == pull_id)).first()
         return _pull_dict(row) if row else None
 
-    def list_pulls(self, limit: int = 50) -> list[dict]:
+    def list_pulls(self, limit: int = 50) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(pulls).order_by(pulls.c.created_at.desc()).limit(limit)).all()
         return [_pull_dict(r) for r in rows]
 
+    # --- retention -----------------------------------------------------------------------------
+    def prune(self, now: datetime | None = None) -> dict[str, int]:
+        """Delete what the retention no longer keeps now; the rows deleted per table (retention.py)."""
+        return prune(self.engine, self.retention, now or utcnow())
 
-def _pull_dict(row) -> dict:
+    def _maybe_prune(self) -> None:
+        """Run the retention if it is due; called after each audit or pull write. A writer never waits
+        for another thread's run: it finds the lock taken and goes on."""
+        if time.monotonic() < self._next_prune or not self._prune_lock.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() >= self._next_prune:  # not just done by the thread that held the lock
+                self._scheduled_prune()
+        finally:
+            self._prune_lock.release()
+
+    def _scheduled_prune(self) -> None:
+        """One retention run; its failure is logged, never raised (the write that triggered it is done)."""
+        backlog = False
+        try:
+            deleted = self.prune()
+        except SQLAlchemyError as exc:
+            log.warning("database: retention run failed, next try in %.0f s: %s", PRUNE_INTERVAL, _short(exc))
+        else:
+            backlog = is_backlog(deleted)
+            if any(deleted.values()):
+                log.info("database: retention deleted %d audit entries and %d finished pulls%s", deleted["audit"],
+                         deleted["pulls"], " (more remain)" if backlog else "")
+        self._next_prune = time.monotonic() + (PRUNE_BACKLOG_INTERVAL if backlog else PRUNE_INTERVAL)
+
+
+def _pull_dict(row: Row[Any]) -> dict[str, Any]:
     return {"id": row.id, "model": row.model, "created_at": iso(row.created_at), "updated_at": iso(row.updated_at),
             "state": row.state, "hosts": dict(row.hosts or {})}
 
