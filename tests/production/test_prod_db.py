@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 from prod_helpers import FakeFactory
 
-from gpu_bridge.backend import create_app, db as db_module, retention
+from gpu_bridge.backend import create_app, retention
+from gpu_bridge.backend import db as db_module
 from gpu_bridge.backend.db import LATEST, Database, normalize_url, redact
 from gpu_bridge.backend.schema import audit_log, pulls
 from gpu_bridge.config import BackendSettings, RetentionSettings
