@@ -961,9 +961,14 @@ class EmulatorState:
         """Every POST /api/pull, even one with no body, so "zero pulls reached Ollama" means zero requests."""
         self.count("pulls")
 
-    def count_pull_model(self, model: str) -> None:
-        """Per display name (``llama3.2`` counts as ``llama3.2:latest``); an invalid name as sent."""
+    def count_pull_model(self, model: Name | str) -> None:
+        """Per model as /api/tags names it (``LLAMA3.2`` counts as ``llama3.2:latest``); a model the
+        registry lacks under its display name; an invalid name as sent."""
         with self.lock:
+            if isinstance(model, Name):
+                installed = self.installed.get(model.key)
+                known = self.catalog.get(model.key) or (installed.spec if installed else None)
+                model = known.name if known else model.display
             by_model = self.stats["pulls_by_model"]
             by_model[model] = by_model.get(model, 0) + 1
 
@@ -1399,7 +1404,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self._json_body("PullRequest")
         raw = body.get("model") or body.get("name") or ""
         name = parse_name(raw)
-        self.state.count_pull_model(name.display if name else str(raw))
+        self.state.count_pull_model(name if name else str(raw))
         if name is None:
             raise HttpError(400, "invalid model name")
         self.state.count("pull_requests")
