@@ -17,6 +17,8 @@ ids: Ollama keeps partial downloads and resumes them. Without one, a restart for
   phase is silent, so neither line arrival nor a read timeout reveals a stall. A watchdog fails a
   job whose downloaded bytes have not grown (and whose status has not moved to a new phase) for
   ``stall_timeout`` seconds, and cancels its Ollama stream.
+
+One job (states, progress, its JSON forms) is ``pull_job.Job``; its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,26 +27,22 @@ import builtins
 import logging
 import math
 import os
-import re
 import shutil
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import overload
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from . import names
 from .errors import Conflict, GpuBridgeError, InsufficientStorage, JobNotFound, OllamaError, PullStalled, QueueFull
-from .job_state import JobStateFile
+from .job_state import JobRecord, JobStateFile
+from .pull_job import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, Job, iso
+
+__all__ = ["ACTIVE", "CANCELLED", "FAILED", "QUEUED", "QUEUE_RETRY_AFTER", "READ_TIMEOUT_MARGIN", "RUNNING",
+           "STATES", "SUCCEEDED", "TERMINAL", "Job", "JobManager", "PullAdapter", "check_free_space", "iso"]
 
 log = logging.getLogger(__name__)
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-ACTIVE = frozenset({QUEUED, RUNNING})
 # Seconds a refused caller is told to wait (Retry-After) when the queue is full.
 QUEUE_RETRY_AFTER = 10
 # A pull stream may be silent this much longer than the stall timeout before its read times out:
@@ -75,119 +73,20 @@ def check_free_space(directory: str | None, min_free_bytes: int, where: str = ""
                                   f"{min_free_bytes / gib:.1f} GiB (GPU_BRIDGE_MIN_FREE_GB): delete models first")
 
 
-@overload
-def iso(ts: float) -> str: ...
-@overload
-def iso(ts: None) -> None: ...
-@overload
-def iso(ts: float | None) -> str | None: ...
-def iso(ts: float | None) -> str | None:
-    """Epoch seconds → ISO 8601 UTC (``2025-05-04T17:37:44.706Z``), None stays None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+class PullAdapter(Protocol):
+    """What the manager needs of ``ollama.OllamaAdapter`` (tests pass a scripted fake)."""
 
-
-class Job:
-    """One pull. Read it with ``to_dict()``; the manager alone changes it (under its lock)."""
-
-    def __init__(self, model: str, key: str, *, lock: threading.RLock | None = None, job_id: str | None = None):
-        now = time.time()
-        self.id = job_id or uuid.uuid4().hex
-        self.model = model
-        self.key = key
-        self.state = QUEUED
-        self.status: str | None = None
-        self.error: str | None = None
-        self.error_code: str | None = None
-        self.error_status: int | None = None  # HTTP status of the error, for ``?wait=true`` answers
-        self.created_at = now
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.updated_at = now
-        self._lock = lock or threading.RLock()
-        self._layers: dict[str, tuple[int, int]] = {}  # digest -> (completed, total)
-        self._best_completed = 0
-        self._seen_status: set[str] = set()
-        self._last_advance = time.monotonic()
-        self._succeeded = False
-        self._stalled = False
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._saved_state: str | None = None  # the state last written to the state file
-        self.resumed = 0  # how many times a new process took this pull over (reloads, restarts)
-
-    @property
-    def completed(self) -> int:
-        with self._lock:
-            return sum(c for c, _ in self._layers.values())
-
-    @property
-    def total(self) -> int:
-        with self._lock:
-            return sum(t for _, t in self._layers.values())
-
-    @property
-    def finished(self) -> bool:
-        return self.state in TERMINAL
-
-    def to_dict(self) -> dict:
-        """The Job object of docs/architecture.md."""
-        with self._lock:
-            completed, total = self.completed, self.total
-            if self.state == SUCCEEDED:
-                percent: float | None = 100.0
-            elif total > 0:
-                percent = round(min(100.0, 100.0 * completed / total), 1)
-            else:
-                percent = None
-            return {
-                "id": self.id,
-                "model": self.model,
-                "state": self.state,
-                "completed": completed,
-                "total": total,
-                "percent": percent,
-                "status": self.status,
-                "error": self.error,
-                "error_code": self.error_code,
-                "created_at": iso(self.created_at),
-                "started_at": iso(self.started_at),
-                "finished_at": iso(self.finished_at),
-                "updated_at": iso(self.updated_at),
-            }
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id} {self.model} {self.state}>"
-
-    def to_record(self) -> dict:
-        """What the state file keeps of a job (``from_record`` reads it back)."""
-        with self._lock:
-            return {"id": self.id, "model": self.model, "state": self.state, "status": self.status,
-                    "error": self.error, "error_code": self.error_code, "error_status": self.error_status,
-                    "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
-                    "updated_at": self.updated_at, "resumed": self.resumed,
-                    "layers": {digest: [c, t] for digest, (c, t) in self._layers.items()}}
-
-
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def _number(value, default=None):
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
-        else default
-
-
-def _text(value, limit: int = 2000) -> str | None:
-    return value[:limit] if isinstance(value, str) else None
+    def pull(self, name: str, *, cancel: threading.Event | None = None,
+             read_timeout: float | None = None) -> Iterator[dict[str, Any]]: ...
 
 
 class JobManager:
     """Runs pulls through an ``OllamaAdapter``-like object (anything with ``pull(name, cancel=, read_timeout=)``)."""
 
-    def __init__(self, adapter, *, max_concurrent: int = 2, max_queued: int = 16, stall_timeout: float = 300.0,
-                 retention: float = 3600.0, on_change: Callable[[Job], None] | None = None,
-                 state: JobStateFile | None = None, allowed_registries: tuple[str, ...] | None = None):
+    def __init__(self, adapter: PullAdapter, *, max_concurrent: int = 2, max_queued: int = 16,
+                 stall_timeout: float = 300.0, retention: float = 3600.0,
+                 on_change: Callable[[Job], None] | None = None, state: JobStateFile | None = None,
+                 allowed_registries: tuple[str, ...] | None = None):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         self.adapter = adapter
@@ -285,7 +184,7 @@ class JobManager:
         job._done.wait(timeout)
         return job
 
-    def counts(self) -> dict:
+    def counts(self) -> dict[str, int]:
         with self._lock:
             running = sum(1 for j in self._active.values() if j.state == RUNNING)
             queued = sum(1 for j in self._active.values() if j.state == QUEUED)
@@ -359,7 +258,7 @@ class JobManager:
         self._notify(job)
         job._done.set()  # after the listeners: whoever waits sees a job they have already been told about
 
-    def _apply(self, job: Job, event: dict) -> None:
+    def _apply(self, job: Job, event: dict[str, Any]) -> None:
         with self._lock:
             status = event.get("status")
             if isinstance(status, str) and status:
@@ -431,7 +330,7 @@ class JobManager:
             return  # shutting down: the file keeps the pulls active for the next process
         force = job.state != job._saved_state
 
-        def snapshot() -> list[dict]:
+        def snapshot() -> list[JobRecord]:
             with self._lock:
                 self._prune_locked()
                 records = []
@@ -445,45 +344,22 @@ class JobManager:
         except Exception:  # noqa: BLE001 - the file serves reloads; it must never break a pull
             log.exception("could not save the job state file")
 
-    def _restore(self, records: builtins.list[dict]) -> None:  # list: the method above shadows the builtin
+    def _restore(self, records: builtins.list[JobRecord]) -> None:  # list: the method above shadows the builtin
         """Take over the jobs a previous process left: finished ones are shown until their retention
         ends; queued and running ones are pulled again under the same id (Ollama resumes the bytes)."""
         now = time.time()
         resumed: list[Job] = []
         with self._lock:
-            for record in sorted(records, key=lambda r: _number(r.get("created_at"), 0.0)):
-                job_id, model, state = record.get("id"), record.get("model"), record.get("state")
-                if not (isinstance(job_id, str) and _JOB_ID.match(job_id) and isinstance(model, str)
-                        and state in STATES) or job_id in self._jobs:
+            for record in sorted(records, key=_created_at):
+                got = Job.from_record(record, lock=self._lock, now=now, allowed_registries=self._allowed_registries)
+                if got is None or got[0].id in self._jobs:
                     log.warning("job state file: skipping a malformed job record")
                     continue
-                try:
-                    parsed = names.validate(model, self._allowed_registries)
-                    error: GpuBridgeError | None = None
-                except GpuBridgeError as exc:
-                    parsed, error = None, exc
-                key = parsed.full.lower() if parsed is not None else model[:300].lower()
-                job = Job(parsed.display if parsed is not None else model[:300], key, lock=self._lock, job_id=job_id)
-                job.created_at = _number(record.get("created_at"), now)
-                job.started_at = _number(record.get("started_at"))
-                job.finished_at = _number(record.get("finished_at"))
-                job.updated_at = _number(record.get("updated_at"), now)
-                job.status = _text(record.get("status"))
-                job.resumed = int(_number(record.get("resumed"), 0) or 0)
-                layers = record.get("layers")
-                if isinstance(layers, dict):
-                    for digest, pair in list(layers.items())[:1000]:
-                        if isinstance(digest, str) and isinstance(pair, list) and len(pair) == 2:
-                            completed, total = (int(_number(x, 0) or 0) for x in pair)
-                            job._layers[digest[:200]] = (max(0, completed), max(0, total))
-                job._best_completed = job.completed
+                job, state, error = got
                 if state in TERMINAL:
                     if job.finished_at is None or job.finished_at < now - self.retention:
                         continue
                     job.state = state
-                    job.error, job.error_code = _text(record.get("error")), _text(record.get("error_code"), 100)
-                    status = record.get("error_status")
-                    job.error_status = status if isinstance(status, int) and 400 <= status < 600 else None
                     job._done.set()
                     self._jobs[job.id] = job
                     continue
@@ -492,14 +368,14 @@ class JobManager:
                     log.warning("not resuming pull job %s of %r: %s: %s", job.id, job.model, error.code, error.message)
                     self._finish_error_locked(job, error)
                     job._done.set()
-                elif key in self._active:
+                elif job.key in self._active:
                     self._finish_locked(job, CANCELLED, error="a duplicate of another pull of the same model",
                                         code="cancelled", status=409)
                     job._done.set()
                 else:
                     job.state = QUEUED
                     job.resumed += 1
-                    self._active[key] = job
+                    self._active[job.key] = job
                     resumed.append(job)
         for job in resumed:
             log.info("resuming pull job %s of %s left by the previous worker process (reload or restart)",
@@ -514,3 +390,11 @@ class JobManager:
                 threading.Thread(target=self._runner, args=(job,), name=f"pull-{job.id[:8]}", daemon=True).start()
         if self._jobs:
             self._persist(next(iter(self._jobs.values())))
+
+
+def _created_at(record: JobRecord) -> float:
+    """Sort key: a record's creation time, 0 when it has none (restored oldest first)."""
+    value = record.get("created_at")
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return 0.0
