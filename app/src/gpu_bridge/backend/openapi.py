@@ -10,14 +10,15 @@ from ..config import DEFAULT_ALLOWED_REGISTRIES
 from ..names import MAX_NAME_LENGTH, name_pattern
 from ..request_guard import REQUEST_ID_PATTERN
 
+Json = dict[str, Any]  # a piece of the document
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
-def _json(schema: dict, description: str) -> dict:
+def _json(schema: Json, description: str) -> Json:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _err(description: str) -> dict:
+def _err(description: str) -> Json:
     return _json(_ERROR, description)
 
 
@@ -28,7 +29,7 @@ _REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
 
 
 def openapi_document(hosts: list[str] | None = None,
-                     allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> dict:
+                     allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> Json:
     """The document as this backend applies it: ``hosts`` (its GPU hosts' labels and names) is the
     enum of a body's ``hosts`` entries; a pull's model name carries the registry allow-list."""
     host_item = {"type": "string", "minLength": 1}
@@ -45,7 +46,7 @@ def openapi_document(hosts: list[str] | None = None,
         },
         "required": ["ok"],
     }
-    def model_field(registries: tuple[str, ...] | None) -> dict:
+    def model_field(registries: tuple[str, ...] | None) -> Json:
         return {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH, "pattern": name_pattern(registries),
                 "example": "llama3.2:latest"}
 
