@@ -13,10 +13,10 @@ import sys
 import time
 from datetime import datetime
 
+import ollama_emulator
 import pytest
 import requests
 
-import ollama_emulator
 from support.procs import EMULATOR, emulator_control, start_emulator, wait_until
 
 pytestmark = pytest.mark.integration
@@ -287,11 +287,10 @@ def test_a_shorter_keep_alive_is_evicted_before_an_older_model(gpu):
 
 
 def test_forever_models_are_evicted_last(gpu):
-    load(gpu, "a:1", -1)
+    load(gpu, "a:1", -1)  # the least recently used, but forever outlasts any keep_alive
     load(gpu, "b:1", "1h")
-    load(gpu, "a:1")  # touched, but forever is longest anyway
     load(gpu, "c:1", "2h")
-    assert loaded(gpu) == ["a:1", "c:1"]
+    assert loaded(gpu) == ["a:1", "c:1"] and stats(gpu)["evicted"] == ["b:1"]
 
 
 def test_max_loaded_models_evicts_even_when_memory_is_free(gpu):
