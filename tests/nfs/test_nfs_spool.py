@@ -3,7 +3,11 @@ liveness judgement, error mapping, and the nfs-init / nfs-heartbeat commands."""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import errno
+import importlib
+import inspect
 import json
 import os
 import stat
@@ -26,6 +30,8 @@ from gpu_bridge.errors import (
     QueueFull,
     ShareNotReady,
 )
+
+SPOOL_MODULES = ("paths", "files", "protocol", "exchange", "liveness", "share", "cli")
 
 
 def run_cli(root, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -280,6 +286,50 @@ def test_nfs_heartbeat_cli_says_when_it_may_not_read_the_share(share, monkeypatc
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert "Permission denied" in err and "service account" in err and "heartbeat.json" in err
+
+
+@pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")])
+def test_nfs_heartbeat_refuses_a_timeout_that_is_not_a_positive_number(share, monkeypatch, timeout):
+    monkeypatch.setenv("GPU_BRIDGE_NFS_ROOT", str(share))
+    with pytest.raises(ConfigError, match="--timeout .*positive number of seconds"):
+        spool.cmd_nfs_heartbeat(argparse.Namespace(host_id="gpu-01", timeout=timeout))
+
+
+# --- the package: every caller writes spool.X -----------------------------------------------------------
+def test_every_public_name_of_the_spool_modules_is_reexported_as_spool_x():
+    """nfs_worker, client/nfs.py, the CLI table ("gpu_bridge.spool:cmd_nfs_init"), bench and the tests
+    all reach the protocol through the package: a name added to a module must be reachable there too."""
+    checked = 0
+    for module in (importlib.import_module(f"gpu_bridge.spool.{name}") for name in SPOOL_MODULES):
+        assert module.__doc__ and len(module.__doc__) > 100, f"{module.__name__} says what it holds and why"
+        for name in _defined_names(inspect.getsource(module)):
+            if not name.startswith("_"):
+                assert getattr(spool, name, None) is getattr(module, name), f"spool.{name} ({module.__name__})"
+                assert name in spool.__all__, name
+                checked += 1
+    assert checked > 50 and set(spool.__all__) <= set(vars(spool)), "every name in __all__ exists"
+
+
+def _defined_names(source: str) -> list[str]:
+    """Top-level functions, classes and assignments of a module's source (not what it imports)."""
+    names = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                elts = target.elts if isinstance(target, ast.Tuple) else [target]
+                names += [t.id for t in elts if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.append(node.target.id)
+    return names
+
+
+@pytest.mark.parametrize("name", SPOOL_MODULES)
+def test_spool_modules_stay_small(name):
+    path = os.path.join(os.path.dirname(spool.__file__), f"{name}.py")
+    with open(path, encoding="utf-8") as fh:
+        assert sum(1 for _ in fh) <= 400, f"spool/{name}.py has grown past ~400 lines: split it along a seam"
 
 
 # --- production side without a worker ----------------------------------------------------------------

@@ -66,6 +66,7 @@ from .paths import (
     HostPaths,
     check_host_id,
     new_request_id,
+    temp_name,
     valid_request_id,
 )
 from .protocol import (
@@ -100,6 +101,7 @@ __all__ = [
     "check_host_id", "check_share", "claim", "cmd_nfs_heartbeat", "cmd_nfs_init", "error_to_dict", "file_kind",
     "init_share", "iter_old_entries", "list_names", "make_answer", "make_command", "mount_point_of",
     "new_request_id", "openable", "parse_json", "prepare_host", "publish", "quarantine", "read_answer",
-    "read_bytes", "read_bytes_stat", "read_json", "read_json_with_mtime", "send_command", "unlink_quiet",
-    "valid_request_id", "wait_answer", "wait_heartbeat_advance", "withdraw", "write_atomic", "write_json",
+    "read_bytes", "read_bytes_stat", "read_json", "read_json_with_mtime", "send_command", "temp_name",
+    "unlink_quiet", "valid_request_id", "wait_answer", "wait_heartbeat_advance", "withdraw", "write_atomic",
+    "write_json",
 ]

@@ -7,6 +7,7 @@ lazily), print one line, and turn a permission problem into a line that says wha
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .. import errors
@@ -33,6 +34,8 @@ def cmd_nfs_heartbeat(args: argparse.Namespace) -> int:
     settings = NfsSettings.from_env()
     host_id = check_host_id(getattr(args, "host_id", None) or settings.host_id)
     timeout = float(getattr(args, "timeout", None) or 10.0)
+    if not (math.isfinite(timeout) and timeout > 0):  # nan would not wait at all, inf forever
+        raise errors.ConfigError(f"--timeout {timeout:g}: expected a positive number of seconds (e.g. 10)")
     paths = HostPaths(settings.root, host_id)
     try:
         advanced, first, last = wait_heartbeat_advance(paths.heartbeat, timeout,

@@ -48,7 +48,7 @@ COMMAND_MOUNT_OPTIONS = "vers=4.2,hard,lookupcache=positive,acdirmin=0,acdirmax=
 
 FORMAT_VERSION = 1
 DIR_MODE = 0o2770  # setgid: files inherit the share's group (same GID on every host)
-SENTINEL_MAX_BYTES = 64 * 1024
+_SENTINEL_MAX_BYTES = 64 * 1024
 
 
 def mount_point_of(path: str) -> str:
@@ -76,7 +76,7 @@ def check_share(root: str, *, require_mount: bool = True) -> JsonObject:
                 "(or set GPU_BRIDGE_NFS_REQUIRE_MOUNT=false for tests)")
     sentinel = os.path.join(root, SENTINEL)
     try:
-        doc = read_json(sentinel, SENTINEL_MAX_BYTES)
+        doc = read_json(sentinel, _SENTINEL_MAX_BYTES)
     except errors.ChannelError:
         raise errors.ShareNotReady(f"{sentinel} is corrupt: rerun `gpu-bridge nfs-init`") from None
     except OSError as exc:
@@ -137,7 +137,7 @@ def init_share(root: str, owner: str | None = None) -> bool:
         changed |= _ensure_dir(os.path.join(root, name), DIR_MODE, uid_gid)
     sentinel = os.path.join(root, SENTINEL)
     try:
-        doc = read_json(sentinel, SENTINEL_MAX_BYTES)
+        doc = read_json(sentinel, _SENTINEL_MAX_BYTES)
     except errors.ChannelError:
         doc = None
     if doc is not None and doc.get("format") not in (None, FORMAT_VERSION):
