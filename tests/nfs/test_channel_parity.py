@@ -1,0 +1,185 @@
+"""One behaviour table, two front doors: the GPU server's HTTP routes and the NFS worker's spool
+commands must give the same outcome (and the same error code) for the same operation, because both
+are thin layers over one ``GpuService`` (gpu_service.py).
+
+HTTP: the real GPU server app on Flask's test client. NFS: a real ``gpu-bridge nfs-worker`` process,
+fed raw spool commands (no production-side transport, whose own checks would answer before the worker
+is asked). Each channel has its own Ollama emulator, reset before every row, and the same settings: the
+allow-list is narrowed to ``registry.ollama.ai``, so the emulator's installed ``hf.co/...`` model comes
+from a registry that is no longer allowed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from gpu_bridge import spool
+from gpu_bridge.gpu_server import create_app
+from support.procs import emulator_control, start_emulator, wait_until
+
+pytestmark = pytest.mark.integration
+
+HOST = "gpu-parity"
+TOKEN = "parity-token-0123456789"
+OUTSIDE = "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"  # installed in the emulator, registry not allowed
+SETTINGS = {"GPU_BRIDGE_ALLOWED_REGISTRIES": "registry.ollama.ai", "GPU_BRIDGE_MIN_FREE_GB": "0"}
+SLOW_PULLS = {"pull_speed": 1e6}  # tinyllama (~64 MB) takes about a minute: still running when cancelled
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    code: str | None  # the error code; None on success
+    result: dict[str, Any]  # the success body, or the error body
+
+
+class HttpChannel:
+    name = "http"
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def call(self, op: str, **args: str) -> Outcome:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        model = quote(args.get("model", ""), safe="/:")
+        job_id = quote(args.get("job_id", ""), safe="")
+        method, path = {"list": ("GET", "/api/models"), "pull": ("POST", f"/api/models/{model}"),
+                        "delete": ("DELETE", f"/api/models/{model}"), "job": ("GET", f"/api/jobs/{job_id}"),
+                        "cancel": ("DELETE", f"/api/jobs/{job_id}"), "health": ("GET", "/api/health")}[op]
+        response = self.client.open(path, method=method, headers=auth)
+        body = response.get_json()
+        assert isinstance(body, dict), (op, response.status_code, response.data[:300])
+        if response.status_code < 400:
+            return Outcome(True, None, body)
+        return Outcome(False, body["code"], body)
+
+
+class NfsChannel:
+    name = "nfs"
+
+    def __init__(self, paths: spool.HostPaths) -> None:
+        self.paths = paths
+
+    def call(self, op: str, **args: str) -> Outcome:
+        command = spool.make_command(HOST, op, args, timeout=15)
+        spool.send_command(self.paths, command)
+        answer = spool.wait_answer(self.paths, command["id"], time.monotonic() + 15)
+        assert answer is not None, f"no answer to {op} {args}"
+        if answer["ok"]:
+            return Outcome(True, None, answer["result"])
+        return Outcome(False, answer["error"]["code"], answer["error"])
+
+
+@pytest.fixture(scope="module")
+def emulators():
+    procs = {"http": start_emulator(), "nfs": start_emulator()}
+    yield procs
+    for proc in procs.values():
+        proc.stop()
+
+
+@pytest.fixture
+def channels(emulators, tmp_path, workers):
+    for proc in emulators.values():
+        emulator_control(proc, "reset")
+    app = create_app({"GPU_BRIDGE_API_TOKEN": TOKEN, "GPU_BRIDGE_OLLAMA_URL": emulators["http"].url,
+                      "GPU_BRIDGE_RATE_LIMIT_PER_MINUTE": "0", **SETTINGS})
+    app.testing = True
+    root = tmp_path / "share"
+    root.mkdir()
+    assert spool.init_share(str(root)) is True
+    worker = workers(root, HOST, emulators["nfs"].url, **SETTINGS)
+    yield {"http": HttpChannel(app.test_client()), "nfs": NfsChannel(worker.paths)}
+    app.extensions["gpu_bridge"].close()
+
+
+def both(channels, op: str, **args: str) -> dict[str, Outcome]:
+    return {name: channel.call(op, **args) for name, channel in channels.items()}
+
+
+def assert_same(outcomes: dict[str, Outcome], ok: bool, code: str | None) -> None:
+    got = {name: (o.ok, o.code) for name, o in outcomes.items()}
+    assert got == {"http": (ok, code), "nfs": (ok, code)}, {n: o.result for n, o in outcomes.items()}
+
+
+# --- the table: operation, arguments, expected outcome (same on both channels) -------------------
+ROWS = [
+    ("pull of a name outside the allow-list", "pull", {"model": OUTSIDE}, False, "registry_not_allowed"),
+    ("pull of a name the grammar refuses", "pull", {"model": "llama3:"}, False, "invalid_model_name"),
+    ("pull of a name with '..'", "pull", {"model": "a..b"}, False, "invalid_model_name"),
+    ("delete of a model Ollama does not have", "delete", {"model": "nosuchmodel:latest"}, False, "model_not_found"),
+    ("delete of a name the grammar refuses", "delete", {"model": "llama3:"}, False, "invalid_model_name"),
+    ("job of an unknown id", "job", {"job_id": "no-such-job"}, False, "job_not_found"),
+    ("cancel of an unknown id", "cancel", {"job_id": "no-such-job"}, False, "job_not_found"),
+]
+
+
+@pytest.mark.parametrize(("what", "op", "args", "ok", "code"), ROWS, ids=[row[0] for row in ROWS])
+def test_refusals_are_the_same_on_both_channels(channels, what, op, args, ok, code):
+    assert_same(both(channels, op, **args), ok, code)
+
+
+def test_list_is_the_same_on_both_channels(channels):
+    outcomes = both(channels, "list")
+    assert_same(outcomes, True, None)
+    listed = {name: sorted(m["name"] for m in o.result["models"]) for name, o in outcomes.items()}
+    assert listed["http"] == listed["nfs"] and "llama3.2:latest" in listed["http"] and OUTSIDE in listed["http"]
+
+
+def test_delete_of_a_model_from_a_registry_outside_the_allow_list_is_allowed(channels):
+    """The delete rule (gpu_service.py): deleting fetches nothing, so the grammar applies and the
+    allow-list does not; an operator who narrowed the allow-list can still remove old models."""
+    outcomes = both(channels, "delete", model=OUTSIDE)
+    assert_same(outcomes, True, None)
+    assert [o.result for o in outcomes.values()] == [{"deleted": OUTSIDE}] * 2
+    for name, o in both(channels, "list").items():
+        assert OUTSIDE not in [m["name"] for m in o.result["models"]], name
+
+
+def test_pull_of_an_allowed_name_starts_a_job_the_same_way(channels):
+    outcomes = both(channels, "pull", model="tinyllama")
+    assert_same(outcomes, True, None)
+    for name, o in outcomes.items():
+        assert o.result["model"] == "tinyllama:latest" and o.result["joined"] is False, (name, o.result)
+        assert o.result["state"] in ("queued", "running", "succeeded"), (name, o.result)
+    # Each channel's job id answers `job` until the pull succeeds, the same way.
+    for name, channel in channels.items():
+        job_id = outcomes[name].result["id"]
+
+        def finished(channel=channel, job_id=job_id):
+            outcome = channel.call("job", job_id=job_id)
+            assert outcome.ok, outcome.result
+            return outcome.result["state"] == "succeeded"
+
+        wait_until(finished, 30, what=f"{name} pull succeeded")
+
+
+def test_cancel_of_a_running_pull_then_of_a_finished_one(channels, emulators):
+    for proc in emulators.values():
+        emulator_control(proc, "config", SLOW_PULLS)
+    started = both(channels, "pull", model="tinyllama")
+    assert_same(started, True, None)
+    cancelled = {name: channel.call("cancel", job_id=started[name].result["id"]) for name, channel in channels.items()}
+    assert_same(cancelled, True, None)
+    for name, o in cancelled.items():
+        assert (o.result["state"], o.result["error_code"]) == ("cancelled", "cancelled"), (name, o.result)
+    again = {name: channel.call("cancel", job_id=started[name].result["id"]) for name, channel in channels.items()}
+    assert_same(again, False, "conflict")
+
+
+def test_health_reports_the_same_fields_and_status_rule(channels):
+    outcomes = both(channels, "health")
+    assert_same(outcomes, True, None)
+    http, nfs = outcomes["http"].result, outcomes["nfs"].result
+    assert set(http) == set(nfs) == {"status", "version", "uptime_seconds", "ollama", "gpu", "pulls"}
+    assert set(http["pulls"]) == set(nfs["pulls"]) == {"running", "queued"}
+    for body in (http, nfs):
+        assert body["ollama"]["reachable"] is True
+        # One rule for both: ok only when Ollama answers and a GPU is available.
+        assert body["status"] == ("ok" if body["gpu"]["available"] else "degraded")
+    assert http["gpu"]["available"] == nfs["gpu"]["available"]
