@@ -41,6 +41,7 @@ import argparse
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import select
@@ -232,6 +233,7 @@ def go_parse_duration(text: str) -> int:
     total, position = 0, 0
     while position < len(body):
         match = _DURATION_PART.match(body, position)
+        assert match is not None  # every group may be empty: it always matches
         whole, fraction, unit = match.group(1), match.group(2), match.group(3)
         if not whole and not fraction:
             raise ValueError(f"time: invalid duration {quoted}")
@@ -255,7 +257,9 @@ def keep_alive_ns(value: object) -> int:
 
     Raises ValueError with Ollama's message for anything else.
     """
-    if _is_number(value):
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):  # Python's json reads NaN and Infinity; Go's rejects them
+            raise ValueError(f"invalid keep_alive {value}")
         return FOREVER_NS if value < 0 else min(int(value * 1_000_000_000), FOREVER_NS)
     if isinstance(value, str):
         duration = go_parse_duration(value)
@@ -395,6 +399,11 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _finite(value: object) -> bool:
+    """A number that int() can take: Python's json reads NaN and Infinity, which Go's rejects."""
+    return _is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
+
+
 def _check_stall(value: object) -> bool:
     if isinstance(value, bool | str):
         return True
@@ -410,10 +419,10 @@ _KNOB_CHECKS = {
     "fail_after_bytes": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
     "fail_error": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
     "tz_offset": (valid_tz_offset, '"local", "Z" or "+HH:MM"'),
-    "vram_bytes": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (bytes; 0 = no GPU)"),
+    "vram_bytes": (lambda v: _finite(v) and v >= 0, "a number >= 0 (bytes; 0 = no GPU)"),
     "max_loaded_models": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "load_overhead_bytes": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (bytes)"),
-    "load_seconds": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (seconds)"),
+    "load_overhead_bytes": (lambda v: _finite(v) and v >= 0, "a number >= 0 (bytes)"),
+    "load_seconds": (lambda v: _finite(v) and v >= 0, "a number >= 0 (seconds)"),
     "default_keep_alive": (lambda v: _valid_keep_alive(v), 'a duration ("5m", "1h") or seconds; negative = forever'),
 }
 ACTIONS = ("add_remote", "installed", "publish", "loaded")
@@ -988,7 +997,7 @@ class EmulatorState:
 
 def _as_sizes(value: object) -> list[int]:
     sizes = value if isinstance(value, list) else [value]
-    if not sizes or not all(_is_number(size) and size > 0 for size in sizes):
+    if not sizes or not all(_finite(size) and size > 0 for size in sizes):
         raise HttpError(400, "sizes must be a positive number of bytes or a list of them")
     return [int(size) for size in sizes]
 
@@ -1485,7 +1494,7 @@ class Handler(BaseHTTPRequestHandler):
         expired: list[str] = []
         if self.command == "POST":
             advance = self._json_body("ClockRequest").get("advance")
-            if not _is_number(advance) or advance < 0:
+            if not isinstance(advance, int | float) or not _finite(advance) or advance < 0:
                 raise HttpError(400, "advance must be a number of seconds >= 0 (the clock never goes back)")
             expired = self.state.advance_clock(advance)
         self._json(200, {"now": rfc3339_nano(self.state.now_ns(), self.state.knobs["tz_offset"]),

@@ -498,3 +498,16 @@ def test_a_bad_startup_keep_alive_is_one_line_and_exit_2():
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         'ollama-emulator: error: bad configuration: time: unknown unit "x" in duration "10x"']
+
+
+@pytest.mark.parametrize("path, raw", [
+    ("/api/generate", '{"model": "llama3.2", "keep_alive": Infinity}'),
+    ("/api/generate", '{"model": "llama3.2", "keep_alive": NaN}'),
+    ("/_emulator/clock", '{"advance": Infinity}'),
+    ("/_emulator/publish", '{"model": "llama3.2", "size": Infinity}'),
+    ("/_emulator/config", '{"vram_bytes": Infinity}'),
+])
+def test_non_finite_numbers_are_400_not_500(emu, path, raw):
+    """Go's JSON has no NaN or Infinity; Python's reads them, so each number is checked."""
+    r = requests.post(emu.url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=5)
+    assert r.status_code == 400 and "error" in r.json()
