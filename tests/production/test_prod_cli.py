@@ -167,3 +167,18 @@ def test_health_table_rows_follow_the_json(capsys):
     assert "breaker open (trial in 12.5 s)" in rows["gpu-03:8001"][1]
     assert rows["gpu-03:8001"][1].endswith("gpu-03:8001 refused the connection")
     assert rows["gpu-03:8001"][1].count("gpu-03:8001") == 1
+
+
+def test_a_pull_answered_without_a_job_id_is_one_line(capsys):
+    """A server that answers the pull but gives no job id to follow: say so, and which URL to check."""
+    app = Flask("no-job-id")
+    app.add_url_rule("/api/health", "health", lambda: jsonify({"status": "ok", "ollama": {"reachable": True}}))
+    app.add_url_rule("/api/models/<path:name>", "pull", lambda name: jsonify({"state": "queued"}), methods=["POST"])
+    gpu = StandIn(app)
+    try:
+        assert cli.main(["models", "pull", "tinyllama", "--url", gpu.url]) == 1
+    finally:
+        gpu.stop()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("gpu-bridge: error: 127.0.0.1:") and "answered no job id" in err and gpu.url in err
