@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from ..jobs import Job
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 600.0)
 
@@ -26,13 +30,13 @@ class GpuCollector:
         ("gpu_bridge_gpu_temperature_celsius", "GPU die temperature", "temperature_c"),
     )
 
-    def __init__(self, snapshot):
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.snapshot = snapshot
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []  # the series depend on the GPUs found at scrape time
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         report = self.snapshot()
         available = GaugeMetricFamily("gpu_bridge_gpu_available", "1 when NVML reports at least one GPU, else 0")
         available.add_metric([], 1.0 if report.get("available") else 0.0)
@@ -47,7 +51,8 @@ class GpuCollector:
 
 
 class Metrics:
-    def __init__(self, *, pull_counts, ollama_up, gpu_snapshot=None):
+    def __init__(self, *, pull_counts: Callable[[], dict[str, Any]], ollama_up: Callable[[], bool],
+                 gpu_snapshot: Callable[[], dict[str, Any]] | None = None) -> None:
         """``pull_counts()`` → ``{"running", "queued"}``; ``ollama_up()`` → bool; ``gpu_snapshot()`` →
         GpuProbe's report (all called at scrape time)."""
         self.registry = CollectorRegistry(auto_describe=True)
@@ -72,7 +77,7 @@ class Metrics:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
 
-    def job_changed(self, job) -> None:
+    def job_changed(self, job: Job) -> None:
         """JobManager's ``on_change``: count each job once, when it reaches a final state."""
         if not job.finished:
             return

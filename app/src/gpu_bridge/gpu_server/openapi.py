@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from ..config import DEFAULT_ALLOWED_REGISTRIES
 from ..names import MAX_NAME_LENGTH, name_pattern
 from ..request_guard import REQUEST_ID_PATTERN
 
+Json = dict[str, Any]  # a piece of the OpenAPI document
 
-def _ref(name: str) -> dict:
+
+def _ref(name: str) -> Json:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
+def _json(schema: Json, description: str, headers: Json | None = None) -> Json:
     response = {"description": description, "content": {"application/json": {"schema": schema}}}
     if headers:
         response["headers"] = headers
     return response
 
 
-def _error(description: str, headers: dict | None = None) -> dict:
+def _error(description: str, headers: Json | None = None) -> Json:
     return _json(_ref("Error"), description, headers)
 
 
@@ -35,7 +38,7 @@ _REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
                "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": REQUEST_ID_PATTERN}}
 
 
-def model_name_parameter(allowed_registries: tuple[str, ...] | None) -> dict:
+def model_name_parameter(allowed_registries: tuple[str, ...] | None) -> Json:
     """The ``name`` path parameter: Ollama's grammar exactly (names.name_pattern); for a pull, a
     three-part name's registry must be on the allow-list (GPU_BRIDGE_ALLOWED_REGISTRIES)."""
     registries = "" if allowed_registries is None else \
@@ -52,7 +55,7 @@ _MODEL_NAME = model_name_parameter(None)
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _UNAUTHORIZED = _error("missing or wrong bearer token (code unauthorized)")
 
-SCHEMAS: dict = {
+SCHEMAS: Json = {
     "Error": {
         "type": "object", "required": ["error", "code"],
         "properties": {
@@ -142,7 +145,7 @@ SCHEMAS: dict = {
     },
 }
 
-PATHS: dict = {
+PATHS: Json = {
     "/api/health": {"get": {
         "summary": "Health of this GPU host (no authentication; never fails)", "operationId": "health",
         "security": [],
@@ -222,7 +225,7 @@ PATHS: dict = {
 }
 
 
-def build_document(version: str, allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> dict:
+def build_document(version: str, allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> Json:
     """The document as this server applies it: the pull route's name pattern carries the allow-list."""
     paths = copy.deepcopy(PATHS)
     pull = paths["/api/models/{name}"]["post"]
