@@ -51,7 +51,8 @@ from ..errors import (
 
 # The errors.py classes a GPU host may answer with that keep their type on this side, keyed by the
 # class's own ``code`` (errors.py stays the one place that names codes). "cancelled" is a job's
-# error_code (a cancelled pull), not a class of its own.
+# error_code (a cancelled pull), not a class of its own. The Ollama codes keep their class only as a
+# failed job's error_code: as a request's answer, HOST_DOWN_CODES turn them into host failures.
 WIRE_TYPES: dict[str, type[GpuBridgeError]] = {
     cls.code: cls for cls in (
         InvalidRequest, InvalidModelName, RegistryNotAllowed, ModelNotFound, JobNotFound, Conflict,
