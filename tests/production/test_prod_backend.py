@@ -333,3 +333,13 @@ def test_request_log_is_one_json_line_without_tokens(env, tmp_path):
     assert entry["request_id"] == "log-1" and entry["path"] == "/config/pull-model" and entry["status"] == 202
     assert entry["method"] == "POST" and isinstance(entry["duration_ms"], float)
     assert not any("s3cret" in r for r in records)
+
+
+def test_the_retention_settings_reach_the_database(env):
+    """GPU_BRIDGE_*_RETENTION_DAYS from the environment are what the backend's database prunes by."""
+    from gpu_bridge.backend.state import EXTENSION
+
+    app = create_app({**env, "GPU_BRIDGE_AUDIT_RETENTION_DAYS": "0", "GPU_BRIDGE_PULL_RETENTION_DAYS": "7"},
+                     transport_factory=FakeFactory())
+    retention = app.extensions[EXTENSION].db.retention
+    assert (retention.audit_days, retention.pull_days) == (0, 7)

@@ -56,7 +56,7 @@ def create_app(config: BackendSettings | Mapping[str, str] | None = None, *,
     check_settings(settings)
     configure_logging(PROCESS)
 
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, settings.retention)
     version = db.migrate()
     fleet = GpuFleet(settings, transport_factory or make_transport)
 

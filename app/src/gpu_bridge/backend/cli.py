@@ -16,7 +16,7 @@ def cmd_serve_backend(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, bind=args.bind)
     # Fail here, with one readable line, rather than inside a gunicorn worker that will not boot.
     check_settings(settings)
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, settings.retention)
     db.migrate()
     db.dispose()  # the worker opens its own connections after the fork
 
