@@ -115,7 +115,7 @@ class GpuServerOps:
                                             timeout=(5.0, read_timeout))
         except requests.RequestException as exc:
             raise self.errors.GpuUnreachable(f"GPU server at {self.url} did not answer: {exc}") from None
-        if missing_ok and response.status_code == 404:
+        if missing_ok and response.status_code in (404, 405):
             return None
         try:
             body = response.json()
@@ -132,6 +132,8 @@ class GpuServerOps:
         return self._call("GET", "/api/models")["models"]
 
     def loaded(self):
+        """The models resident in GPU memory; None from a GPU server older than the route (it answers
+        GET /api/models/<name> with 405, or 404), which cannot say."""
         body = self._call("GET", "/api/models/loaded", missing_ok=True)
         return None if body is None else body.get("models", [])
 
@@ -151,14 +153,36 @@ class GpuServerOps:
                    read_timeout=self.timeout)
 
 
-def _lines(observed, key):
-    """One line per installed model, for --diff: name, short digest ("pulled" when it comes from the
-    registry in this run), and whether it is resident in GPU memory."""
+def _lines(observed, key, display):
+    """One line per installed model, for --diff: name as Ollama lists it, short digest ("pulled" when
+    it comes from the registry in this run), and whether it is resident in GPU memory."""
     out = []
-    for installed in sorted(observed.models.values(), key=lambda m: m.name):
+    for installed in sorted(observed.models.values(), key=lambda m: display(m.name)):
         resident = " loaded" if observed.loaded and key(installed.name) in observed.loaded else ""
-        out.append(f"{installed.name} {(installed.digest or 'pulled')[:12]}{resident}")
+        out.append(f"{display(installed.name)} {(installed.digest or 'pulled')[:12]}{resident}")
     return "\n".join(out) + ("\n" if out else "")
+
+
+def _rollbacks(host, requested, observed, reconcile, names, errors):
+    """The rollback actions a run needs, checked against what the host holds before anything runs:
+    a missing snapshot fails the run (also in check mode), and a model already at its snapshot's build
+    needs no action (so check mode and a second run both report no change)."""
+    actions = []
+    for raw in requested:
+        try:
+            name = names.parse(raw).display  # what Ollama lists: llama3.2 -> llama3.2:latest
+        except errors.InvalidModelName as exc:
+            raise errors.InvalidRequest(f"gpu_models_rollback: {exc.message}") from None
+        snapshot = reconcile.snapshot_name(name)
+        held = observed.models.get(reconcile.model_key(snapshot))
+        if held is None:
+            raise errors.ModelNotFound(f"no snapshot of {name} ({snapshot}) to roll back to: a snapshot is made "
+                                       "when an update (gpu_models_update=true) changes the build")
+        current = observed.models.get(reconcile.model_key(name))
+        if current is not None and current.digest == held.digest:
+            continue
+        actions.append(reconcile.Action(host, "rollback", name, f"copy {snapshot} back", snapshot=snapshot))
+    return actions
 
 
 def main():
@@ -176,8 +200,12 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    if p["update"] and p["rollback"]:
+        # An update would replace the very snapshot the rollback copies back: one or the other.
+        module.fail_json(msg="gpu_models_update and gpu_models_rollback cannot be used in the same run: "
+                             "roll back first, or update without rolling back")
     try:
-        from gpu_bridge import errors, model_exec, reconcile
+        from gpu_bridge import errors, model_exec, names, reconcile
     except ImportError as exc:
         module.fail_json(msg=f"gpu_bridge is not importable ({exc}): run this module with the gpu-bridge venv's "
                              "Python (ansible_python_interpreter=/opt/gpu-bridge/venv/bin/python)")
@@ -194,17 +222,26 @@ def main():
     result = {"changed": False, "plan": [], "drift": [], "results": []}
     try:
         observed = reconcile.Observed.from_listing(host, ops.list_models(), ops.loaded())
+        if observed.loaded is None and any(d.loaded for d in spec.models):
+            # Without the list every run would preload again and never report "in the declared state".
+            raise errors.GpuBridgeError(f"the GPU server at {ops.url} cannot list loaded models "
+                                        "(GET /api/models/loaded): deploy the current gpu-bridge "
+                                        "(playbooks/site.yml) before declaring loaded: true")
         drift = reconcile.detect_drift([spec], {host: observed})
         actions = reconcile.plan([spec], {host: observed}, update=p["update"])
-        for name in p["rollback"]:
-            reconcile.model_key(name)  # the grammar, before anything runs
-            actions.append(reconcile.Action(host, "rollback", name, "requested",
-                                            snapshot=reconcile.snapshot_name(name)))
+        rollbacks = _rollbacks(host, p["rollback"], observed, reconcile, names, errors)
+        actions += rollbacks
         result["plan"] = [a.to_dict() for a in actions]
         result["drift"] = [d.to_dict() for d in drift]
         after = reconcile.apply_to(observed, [a for a in actions if a.op != "rollback"], registry={})
-        result["diff"] = {"before": _lines(observed, reconcile.model_key),
-                          "after": _lines(after, reconcile.model_key),
+        for action in rollbacks:  # a rollback gives the model its snapshot's digest back
+            snapshot = observed.models[reconcile.model_key(action.snapshot)]
+            after.models[reconcile.model_key(action.model)] = type(snapshot)(action.model, snapshot.digest)
+        def display(name):
+            return names.parse(name).display
+
+        result["diff"] = {"before": _lines(observed, reconcile.model_key, display),
+                          "after": _lines(after, reconcile.model_key, display),
                           "before_header": f"{host}: installed", "after_header": f"{host}: planned"}
         if module.check_mode:
             result["changed"] = bool(actions)
@@ -217,9 +254,9 @@ def main():
             result["results"].append(outcome.to_dict())
             result["changed"] = result["changed"] or outcome.changed
     except errors.GpuBridgeError as exc:
-        done = len(result["results"])
-        module.fail_json(msg=f"{host}: {exc.message} (after {done} of {len(result['plan'])} planned actions)",
-                         **result)
+        # Where the run stopped, once there was a plan: the actions before it did happen.
+        done = f" (after {len(result['results'])} of {len(result['plan'])} planned actions)" if result["plan"] else ""
+        module.fail_json(msg=f"{host}: {exc.message}{done}", **result)
     module.exit_json(**result)
 
 
