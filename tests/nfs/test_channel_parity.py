@@ -50,8 +50,12 @@ class HttpChannel:
         job_id = quote(args.get("job_id", ""), safe="")
         method, path = {"list": ("GET", "/api/models"), "pull": ("POST", f"/api/models/{model}"),
                         "delete": ("DELETE", f"/api/models/{model}"), "job": ("GET", f"/api/jobs/{job_id}"),
-                        "cancel": ("DELETE", f"/api/jobs/{job_id}"), "health": ("GET", "/api/health")}[op]
-        response = self.client.open(path, method=method, headers=auth)
+                        "cancel": ("DELETE", f"/api/jobs/{job_id}"), "health": ("GET", "/api/health"),
+                        "copy": ("POST", "/api/copy")}[op]
+        if op == "copy":  # the one operation with a JSON body
+            response = self.client.post("/api/copy", headers=auth, json=args)
+        else:
+            response = self.client.open(path, method=method, headers=auth)
         body = response.get_json()
         assert isinstance(body, dict), (op, response.status_code, response.data[:300])
         if response.status_code < 400:
@@ -116,6 +120,10 @@ ROWS = [
     ("delete of a name the grammar refuses", "delete", {"model": "llama3:"}, False, "invalid_model_name"),
     ("job of an unknown id", "job", {"job_id": "no-such-job"}, False, "job_not_found"),
     ("cancel of an unknown id", "cancel", {"job_id": "no-such-job"}, False, "job_not_found"),
+    ("copy of a model Ollama does not have", "copy", {"source": "nosuchmodel:latest", "destination": "x:kept"},
+     False, "model_not_found"),
+    ("copy to a name the grammar refuses", "copy", {"source": "llama3.2:latest", "destination": "x:"},
+     False, "invalid_model_name"),
 ]
 
 
@@ -139,6 +147,17 @@ def test_delete_of_a_model_from_a_registry_outside_the_allow_list_is_allowed(cha
     assert [o.result for o in outcomes.values()] == [{"deleted": OUTSIDE}] * 2
     for name, o in both(channels, "list").items():
         assert OUTSIDE not in [m["name"] for m in o.result["models"]], name
+
+
+def test_copy_shares_the_digest_and_ignores_the_allow_list_on_both_channels(channels):
+    """Copying fetches nothing: a model from a registry outside the allow-list can be copied, and
+    the answer names the copy's digest, the source's (models as code's snapshots rely on it)."""
+    outcomes = both(channels, "copy", source=OUTSIDE, destination="kept:snapshot")
+    assert_same(outcomes, True, None)
+    for name, o in outcomes.items():
+        listed = {m["name"]: m["digest"] for m in channels[name].call("list").result["models"]}
+        assert o.result == {"source": OUTSIDE, "destination": "kept:snapshot", "digest": listed[OUTSIDE]}, name
+        assert listed["kept:snapshot"] == listed[OUTSIDE], name
 
 
 def test_pull_of_an_allowed_name_starts_a_job_the_same_way(channels):

@@ -19,6 +19,8 @@ both):
   downloads from unknown registries, does not apply: an operator who narrowed the allow-list can still
   remove the models pulled from a registry that is no longer allowed. A model Ollama does not have is
   ``model_not_found``.
+* **copy**: the grammar for both names, no allow-list (a copy shares the source's blobs and fetches
+  nothing); a source Ollama does not have is ``model_not_found``.
 * **job / cancel**: by job id; ``job_not_found`` for an unknown one, ``conflict`` to cancel a
   finished one.
 * **health** never fails: Ollama's state (probed at most once a second) and the GPUs' (NVML, cached
@@ -102,6 +104,21 @@ class GpuService:
         name = names.parse(model).display
         self.adapter.delete(name)
         return {"deleted": name}
+
+    def copy(self, source: object, destination: object) -> JsonDict:
+        """Copy a model under another name (Ollama's ``/api/copy``: the blobs are shared, nothing is
+        fetched, so the grammar applies to both names and the allow-list to neither, as for delete).
+        The answer names the digest the copy has, which is the source's: callers (models as code's
+        snapshots and rollbacks) check it. A missing source is ``model_not_found``."""
+        src, dst = names.parse(source).display, names.parse(destination).display
+        self.adapter.copy(src, dst)
+        digest = None
+        for model in self.adapter.list_models():
+            listed = model.get("name")
+            if isinstance(listed, str) and names.same_model(listed, dst):  # llama3.2 == llama3.2:latest
+                digest = model.get("digest")
+                break
+        return {"source": src, "destination": dst, "digest": digest}
 
     # --- jobs ------------------------------------------------------------------------------------
     def job(self, job_id: str) -> Job:

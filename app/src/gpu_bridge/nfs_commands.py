@@ -64,6 +64,13 @@ class NfsCommands:
         finally:
             self.status.refresh_quiet(self.service)  # a listing that follows never shows the old state
 
+    def _op_copy(self, rid: str, args: dict[str, Any], recovered: bool) -> JsonDict:
+        # A re-run after a crash copies again: harmless, a copy is the same manifest under the new name.
+        try:
+            return self.service.copy(args.get("source"), args.get("destination"))
+        finally:
+            self.status.refresh_quiet(self.service)  # a listing that follows shows the copy
+
     def _op_pull(self, rid: str, args: dict[str, Any], recovered: bool) -> JsonDict:
         return self.start_pull(rid, args.get("model"))
 

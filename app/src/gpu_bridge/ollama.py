@@ -42,6 +42,7 @@ from .errors import (
     OllamaTimeout,
     OllamaUnavailable,
 )
+from .ollama_loaded import LoadedModelsApi
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,10 @@ def _abort_stream(resp: requests.Response) -> None:
             pass
 
 
-class OllamaAdapter:
+class OllamaAdapter(LoadedModelsApi):
     """A thin ``requests`` client for one Ollama server (normally ``http://127.0.0.1:11434``).
+
+    ``loaded_models``, ``load`` and ``unload`` come from ``ollama_loaded.LoadedModelsApi``.
 
     Thread-safe: one ``requests.Session`` (urllib3's pool is thread-safe) shared by every request thread
     and pull runner. ``trust_env`` is off: Ollama is on loopback, so proxies and ``.netrc`` never apply.
@@ -314,6 +317,14 @@ class OllamaAdapter:
         """Delete a model. Ollama answers 200 with an empty body: nothing is parsed on success."""
         resp = self._request("DELETE", "/api/delete", f"delete {name}", body={"model": name})
         self._raise_for(resp, model=name)
+        resp.close()
+
+    def copy(self, source: str, destination: str) -> None:
+        """Copy a model under a new name (``POST /api/copy``): a new manifest over the same blobs, so
+        nothing is downloaded. Ollama answers 200 with an empty body; a missing source is its 404."""
+        resp = self._request("POST", "/api/copy", f"copy {source} to {destination}",
+                             body={"source": source, "destination": destination})
+        self._raise_for(resp, model=source)
         resp.close()
 
     def pull(self, name: str, *, cancel: threading.Event | None = None,

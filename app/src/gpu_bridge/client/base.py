@@ -94,6 +94,15 @@ class GpuTransport(ABC):
 
         Raises ``InvalidModelName`` before sending, ``ModelNotFound``, ``GpuHostError``s."""
 
+    def copy_model(self, source: str, destination: str) -> JsonDict:
+        """Copy a model under another name on the host (no download: the blobs are shared); returns
+        ``{"source", "destination", "digest"}``, the digest being the copy's (= the source's).
+
+        Raises ``InvalidModelName`` before sending, ``ModelNotFound`` (no such source), ``GpuHostError``s.
+        Both transports implement it; the default serves test doubles that keep no models."""
+        raise GpuBridgeError(f"{self.host.label}: the {self.kind} transport cannot copy models", host=self.host.label,
+                             status=501, code="not_implemented")
+
     # --- jobs ------------------------------------------------------------------------------------
     @abstractmethod
     def get_job(self, job_id: str) -> JsonDict:

@@ -96,6 +96,10 @@ class HttpTransport(GpuTransport):
             # The first DELETE timed out after deleting; the (safe) retry then saw 404: it is deleted.
             return {"deleted": names.parse(model).display}
 
+    def copy_model(self, source: str, destination: str) -> JsonDict:
+        body = {"source": names.parse(source).display, "destination": names.parse(destination).display}
+        return self._request("POST", "/api/copy", json_body=body)
+
     def close(self) -> None:
         self.session.close()
 
@@ -112,7 +116,7 @@ class HttpTransport(GpuTransport):
         return quote(job_id, safe="")
 
     def _request(self, method: str, path: str, *, params: Params | None = None,
-                 read_timeout: float | None = None) -> JsonDict:
+                 read_timeout: float | None = None, json_body: JsonDict | None = None) -> JsonDict:
         timeout = (self.settings.connect_timeout, read_timeout or self.settings.read_timeout)
         headers: dict[str, str] = {}
         request_id = current_request_id.get()
@@ -121,9 +125,9 @@ class HttpTransport(GpuTransport):
         started = time.monotonic()
         try:
             resp = self.session.request(method, self.base_url + path, params=params, headers=headers,
-                                        timeout=timeout, allow_redirects=False)
+                                        json=json_body, timeout=timeout, allow_redirects=False)
             if resp.status_code == 401 and len(self.tokens) > 1:
-                resp = self._with_another_token(resp, method, path, params, headers, timeout)
+                resp = self._with_another_token(resp, method, path, params, headers, timeout, json_body)
         except requests.RequestException as exc:
             raise classify(exc, method, path, timeout, host=self.host, settings=self.settings) from None
         self.last_latency_ms = round((time.monotonic() - started) * 1000, 1)
@@ -137,7 +141,8 @@ class HttpTransport(GpuTransport):
             raise
 
     def _with_another_token(self, refused: requests.Response, method: str, path: str, params: Params | None,
-                            headers: dict[str, str], timeout: tuple[float, float]) -> requests.Response:
+                            headers: dict[str, str], timeout: tuple[float, float],
+                            json_body: JsonDict | None = None) -> requests.Response:
         """The host refused our token (a 401 is answered before anything is done, so resending is
         safe): try the other tokens; keep the first one it accepts."""
         sent = self.session.headers.get("Authorization")
@@ -145,7 +150,7 @@ class HttpTransport(GpuTransport):
             auth = f"Bearer {token}"
             if auth == sent:
                 continue
-            resp = self.session.request(method, self.base_url + path, params=params,
+            resp = self.session.request(method, self.base_url + path, params=params, json=json_body,
                                         headers={**headers, "Authorization": auth}, timeout=timeout,
                                         allow_redirects=False)
             if resp.status_code != 401:

@@ -208,6 +208,10 @@ class NfsTransport(GpuTransport):
         parsed = names.parse(model)
         return self._call("delete", {"model": parsed.display})
 
+    def copy_model(self, source: str, destination: str) -> JsonDict:
+        return self._call("copy", {"source": names.parse(source).display,
+                                   "destination": names.parse(destination).display})
+
     def close(self) -> None:
         """Nothing to release: every file is opened and closed per operation."""
 

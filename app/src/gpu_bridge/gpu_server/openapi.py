@@ -107,6 +107,16 @@ SCHEMAS: Json = {
     "ModelList": {"type": "object", "required": ["models"],
                   "properties": {"models": {"type": "array", "items": _ref("Model")}}},
     "Deleted": {"type": "object", "required": ["deleted"], "properties": {"deleted": {"type": "string"}}},
+    "CopyRequest": {
+        "type": "object", "required": ["source", "destination"],
+        "properties": {"source": _MODEL_NAME["schema"], "destination": _MODEL_NAME["schema"]},
+    },
+    "Copied": {
+        "type": "object", "required": ["source", "destination", "digest"],
+        "properties": {"source": {"type": "string"}, "destination": {"type": "string"},
+                       "digest": {**_NULLABLE_STR,
+                                  "description": "the copy's digest (the source's: the blobs are shared)"}},
+    },
     "Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
     "GpuDevice": {
         "type": "object",
@@ -194,6 +204,20 @@ PATHS: Json = {
                           "503": _error("ollama_unavailable")},
         },
     },
+    "/api/copy": {"post": {
+        "summary": "Copy a model under another name (no download: the blobs are shared)", "operationId": "copyModel",
+        "description": "Both names are checked by the grammar; the registry allow-list does not apply (nothing is "
+                       "fetched). models as code keeps the build an update replaces, and rolls back, with it. "
+                       "Rate-limited.",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CopyRequest")}}},
+        "responses": {"200": _json(_ref("Copied"), "copied"),
+                      "400": _error("invalid_model_name or invalid_request (a missing field, not JSON)"),
+                      "401": _UNAUTHORIZED, "403": _error("forbidden: an Origin header (not for browsers)"),
+                      "404": _error("model_not_found: the source is not installed"),
+                      "415": _error("unsupported_media_type: the body is not application/json"),
+                      "429": _error("rate_limited", _RETRY_AFTER),
+                      "503": _error("ollama_unavailable"), "504": _error("ollama_timeout")},
+    }},
     "/api/jobs": {"get": {
         "summary": "Pull jobs, newest first (finished ones are kept for GPU_BRIDGE_JOB_RETENTION s)",
         "operationId": "listJobs",

@@ -18,6 +18,7 @@ from flask.typing import ResponseReturnValue
 from .. import __version__
 from ..errors import InvalidRequest, RateLimited
 from ..gpu_service import GpuService
+from ..request_guard import json_object, read_body, refuse_browser_requests
 from .openapi import build_document
 from .state import EXTENSION, ServerState
 
@@ -121,6 +122,21 @@ def _start_pull(service: GpuService, name: str, wait: bool) -> ResponseReturnVal
 @rate_limited
 def delete_model(name: str) -> ResponseReturnValue:
     return jsonify(_service().delete(name))
+
+
+@api.post("/api/copy")
+@rate_limited
+def copy_model() -> ResponseReturnValue:
+    """``{"source", "destination"}`` -> ``{"source", "destination", "digest"}`` (models as code keeps the
+    build an update replaces, and rolls it back, with copies: no download)."""
+    raw = read_body(request, _state().settings.max_body_bytes)
+    # Bearer-authenticated, so no browser can send it with a user's credentials; still JSON only.
+    refuse_browser_requests(request, trusts_loopback=False, body=raw)
+    body = json_object(raw, example='{"source": "llama3.2:latest", "destination": "llama3.2:backup"}')
+    for field in ("source", "destination"):
+        if not isinstance(body.get(field), str):
+            raise InvalidRequest(f"missing field {field!r} (a model name such as 'llama3.2:latest')")
+    return jsonify(_service().copy(body["source"], body["destination"]))
 
 
 # --- jobs ---------------------------------------------------------------------------------------

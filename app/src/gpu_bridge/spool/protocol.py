@@ -5,8 +5,9 @@ GPU-side worker (``nfs_worker.py``). Moving the documents through the share is `
 
 Command (``gpu_commands/<host>/new/<id>.json``)::
 
-    {"v": 1, "id": "<request id>", "op": "ping|list|pull|delete|job|cancel|health",
-     "args": {"model": "..."} | {"job_id": "..."} | {}, "host": "<host id>",
+    {"v": 1, "id": "<request id>", "op": "ping|list|pull|delete|job|cancel|health|copy",
+     "args": {"model": "..."} | {"job_id": "..."} | {"source": "...", "destination": "..."} (copy) | {},
+     "host": "<host id>",
      "created_at": <epoch s>, "deadline": <epoch s>, "sender": "<hostname>:<pid>"}
 
 The deadline is absolute wall-clock time: production and GPU hosts must run NTP (any skew eats into
@@ -50,7 +51,7 @@ from .. import errors
 from .paths import new_request_id
 
 PROTOCOL_VERSION = 1
-OPS = ("ping", "list", "pull", "delete", "job", "cancel", "health")
+OPS = ("ping", "list", "pull", "delete", "job", "cancel", "health", "copy")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_DEADLINE_AHEAD = 3600.0  # seconds: a command whose deadline is further ahead is refused (1e300, +1 year)
