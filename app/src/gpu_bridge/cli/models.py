@@ -75,10 +75,20 @@ def _list(ctx: Context) -> int:
             warn(host_message(label, st.get("error")))
     if data.get("stale"):
         warn(f"no GPU host answered: showing the cached list from {utc_time(data.get('fetched_at'))} UTC")
-    rows = [[m.get("name", "?"), human_bytes(m.get("size")), utc_time(m.get("modified_at")),
-             ", ".join(m.get("hosts") or [])] for m in data.get("models") or []]
-    table(rows, ["NAME", "SIZE", "MODIFIED (UTC)", "HOSTS"], ctx.out)
+    rows = [[m.get("name", "?") + (" (snapshot)" if m.get("snapshot") else ""), human_bytes(m.get("size")),
+             utc_time(m.get("modified_at")), *_digest_cells(m)] for m in data.get("models") or []]
+    table(rows, ["NAME", "SIZE", "MODIFIED (UTC)", "DIGEST", "HOSTS"], ctx.out)
     return 0
+
+
+def _digest_cells(model: JsonDict) -> list[str]:
+    """DIGEST and HOSTS: one short digest when every host holds the same build; when they differ,
+    ``DIVERGED`` and each host's own short digest, so two builds of one tag never look alike."""
+    hosts = model.get("hosts") or []
+    digests = model.get("digests") or {}
+    if model.get("diverged"):
+        return ["DIVERGED", ", ".join(f"{h}={str(digests.get(h) or '?')[:12]}" for h in hosts)]
+    return [str(model.get("digest") or "?")[:12], ", ".join(hosts)]
 
 
 def _no_hosts_on_a_gpu_server(ctx: Context) -> None:

@@ -43,6 +43,7 @@ from ..errors import (
     InvalidRequest,
     NoHealthyHost,
 )
+from ..reconcile import is_snapshot
 from . import make_transport
 from .base import GpuTransport, JsonDict
 from .breaker import CLOSED, HALF_OPEN, CircuitBreaker
@@ -342,7 +343,11 @@ def degraded_reason(doc: JsonDict) -> str:
 
 
 def merge_models(per_host: dict[str, list[JsonDict]]) -> list[JsonDict]:
-    """One entry per model name (first host's fields), with ``hosts``: the labels that have it."""
+    """One entry per model name (first host's fields), with ``hosts``: the labels that have it;
+    ``digests``: each of those hosts' digest, since two hosts may hold different builds of one tag;
+    ``diverged``: true when those digests differ (``digest_differs``, the earlier name of the same
+    flag, is still set then for callers that read it); ``snapshot``: a name models as code keeps
+    for rollback (``reconcile.is_snapshot``: a tag ending ``-gpubridge-prev`` or ``-gpubridge-next``)."""
     merged: dict[str, JsonDict] = {}
     for label, models in per_host.items():
         for m in models:
@@ -352,12 +357,15 @@ def merge_models(per_host: dict[str, list[JsonDict]]) -> list[JsonDict]:
             entry = merged.get(key)
             if entry is None:
                 entry = {"name": m["name"], "size": m.get("size"), "digest": m.get("digest"),
-                         "modified_at": m.get("modified_at"), "details": m.get("details"), "hosts": []}
+                         "modified_at": m.get("modified_at"), "details": m.get("details"), "hosts": [],
+                         "digests": {}, "diverged": False, "snapshot": is_snapshot(m["name"])}
                 merged[key] = entry
-            elif m.get("digest") and entry.get("digest") and m.get("digest") != entry["digest"]:
-                entry["digest_differs"] = True  # same name, different build on some host
             if label not in entry["hosts"]:
                 entry["hosts"].append(label)
+                entry["digests"][label] = m.get("digest")
+    for entry in merged.values():
+        if len({d for d in entry["digests"].values() if d}) > 1:
+            entry["diverged"] = entry["digest_differs"] = True  # same name, different build on some host
     return list(merged.values())
 
 
