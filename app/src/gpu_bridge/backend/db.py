@@ -6,6 +6,14 @@ The schema and its migrations are in schema.py; ``migrate`` runs them on start.
 Retention (retention.py): audit entries and finished pulls older than ``RetentionSettings`` allows
 are deleted when the schema is migrated (every process start) and again at most once an hour, on
 the next audit or pull write; the tables only grow by those writes, so no timer thread is needed.
+
+Several backend instances (gunicorn workers on one host with SQLite, or hosts sharing PostgreSQL)
+use one database. Every write runs in ``_writing``: one writer at a time, on both dialects (SQLite
+takes its write lock at BEGIN IMMEDIATE; PostgreSQL takes one advisory lock per transaction). Writes
+are few and short (a listing, a pull record, an audit entry), and serializing them keeps the
+read-then-write steps (the migration's version check, merging a pull record, replacing a host's
+cache) correct without reasoning about each statement's isolation. A change to the models bumps the
+``models`` change generation in the same transaction (listing_memo.py reads it).
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, overload
 
@@ -24,11 +34,25 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from ..config import RetentionSettings
 from ..errors import ConfigError, GpuBridgeError
 from .retention import PRUNE_BACKLOG_INTERVAL, PRUNE_INTERVAL, is_backlog, prune
-from .schema import LATEST, MIGRATIONS, audit_log, host_listing, model_cache, pulls, schema_version
+from .schema import (
+    LATEST,
+    MIGRATIONS,
+    MODELS_SCOPE,
+    audit_log,
+    change_generation,
+    host_listing,
+    model_cache,
+    pulls,
+    schema_version,
+)
 
 log = logging.getLogger("gpu_bridge.backend")
 
 _PG_LOCK_ID = 727_301_001  # advisory lock: one migrator at a time on PostgreSQL
+_PG_WRITE_LOCK_ID = 727_301_003  # advisory lock: one writing transaction at a time on PostgreSQL
+
+# A pull record's per-host entries, merged with the stored ones: (stored hosts) -> (state, hosts).
+PullMerge = Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -120,6 +144,27 @@ class Database:
         self._prune_lock = threading.Lock()
         self._next_prune = 0.0  # time.monotonic() of the next retention run; 0: the first write runs one
 
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A transaction that is the only writer of the database until it ends (see the module doc).
+
+        SQLite: BEGIN IMMEDIATE takes the write lock at once, waiting up to the busy timeout. (A
+        default, deferred transaction that reads and then writes fails at once with "database is
+        locked" when another process wrote in between, and Python's sqlite3 runs DDL outside any
+        transaction: two processes migrating at once both created a table, one failed.)
+        PostgreSQL: a transaction-level advisory lock, released at commit or rollback."""
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            elif self.dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_WRITE_LOCK_ID})
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
     # --- schema --------------------------------------------------------------------------------
     def version(self) -> int:
         with self.engine.connect() as conn:
@@ -133,9 +178,13 @@ class Database:
 
     def migrate(self, target: int | None = None) -> int:
         """Bring the schema to ``target`` (default: latest); return the version reached. Reaching the
-        latest schema also applies the retention once: this is what every process start runs."""
+        latest schema also applies the retention once: this is what every process start runs.
+
+        Safe when several instances start at once: each migrates under the write lock (``_writing``;
+        on PostgreSQL also the migration's own advisory lock), reads the version there, and the later
+        ones find the work done."""
         try:
-            with self.engine.begin() as conn:
+            with self._writing() as conn:
                 if self.dialect == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
                 schema_version.create(conn, checkfirst=True)
@@ -175,7 +224,7 @@ class Database:
             if isinstance(name, str) and name not in seen:
                 seen.add(name)
                 rows.append({"host": host, "name": name, "data": m, "fetched_at": fetched_at})
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(model_cache.delete().where(model_cache.c.host == host))
             if rows:
                 conn.execute(model_cache.insert(), rows)
@@ -183,8 +232,10 @@ class Database:
             conn.execute(host_listing.insert().values(host=host, fetched_at=fetched_at, model_count=len(rows)))
 
     def forget_model(self, host: str, name: str) -> None:
-        with self.engine.begin() as conn:
+        """A model deleted from a host: out of its cache, and every instance's listing memo is out of date."""
+        with self._writing() as conn:
             conn.execute(model_cache.delete().where(model_cache.c.host == host, model_cache.c.name == name))
+            _bump_models(conn)
 
     def cached_models(self, hosts: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, datetime]]:
         """({host: [model, ...]}, {host: fetched_at}) for the hosts that have a cached listing."""
@@ -199,10 +250,23 @@ class Database:
                 per_host[row.host].append(row.data)
         return per_host, fetched
 
+    # --- change generation ---------------------------------------------------------------------
+    def models_generation(self) -> int:
+        """How many changes to the models were recorded through any instance (one indexed read)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(change_generation.c.generation)
+                                 .where(change_generation.c.scope == MODELS_SCOPE)).scalar()
+        return int(value or 0)
+
+    def models_changed(self) -> None:
+        """Record a change to the models on its own, when the write that should have carried it failed."""
+        with self._writing() as conn:
+            _bump_models(conn)
+
     # --- audit log -----------------------------------------------------------------------------
     def audit(self, action: str, model: str | None, hosts: list[str], outcome: str,
               detail: dict[str, Any] | None = None, request_id: str | None = None) -> None:
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(audit_log.insert().values(at=utcnow(), action=action, model=model, hosts=hosts,
                                                    outcome=outcome, detail=detail, request_id=request_id))
         self._maybe_prune()
@@ -214,17 +278,35 @@ class Database:
                  "outcome": r.outcome, "detail": r.detail, "request_id": r.request_id} for r in rows]
 
     # --- pulls ---------------------------------------------------------------------------------
-    def create_pull(self, pull_id: str, model: str, state: str, hosts: dict[str, Any]) -> None:
+    def create_pull(self, pull_id: str, model: str, state: str, hosts: dict[str, Any], *,
+                    models_changed: bool = False) -> None:
+        """Record a pull; ``models_changed``: it already installed the model (a ``wait`` pull)."""
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(pulls.insert().values(id=pull_id, model=model, created_at=now, updated_at=now,
                                                state=state, hosts=hosts))
+            if models_changed:
+                _bump_models(conn)
         self._maybe_prune()
 
     def update_pull(self, pull_id: str, state: str, hosts: dict[str, Any]) -> None:
-        with self.engine.begin() as conn:
+        """Replace a pull's state and per-host record."""
+        self.merge_pull(pull_id, lambda _stored: (state, hosts))
+
+    def merge_pull(self, pull_id: str, merge: PullMerge, *, models_changed: bool = False) -> dict[str, Any] | None:
+        """Write a pull's record as ``merge(stored hosts)`` makes it, the stored record read under the write
+        lock: another instance following or cancelling the same pull may have written since this one read
+        it. Returns the record written, None when there is no such pull."""
+        with self._writing() as conn:
+            row = conn.execute(sa.select(pulls.c.hosts).where(pulls.c.id == pull_id)).first()
+            if row is None:
+                return None
+            state, hosts = merge(dict(row.hosts or {}))
             conn.execute(pulls.update().where(pulls.c.id == pull_id)
                          .values(state=state, hosts=hosts, updated_at=utcnow()))
+            if models_changed:
+                _bump_models(conn)
+        return hosts
 
     def get_pull(self, pull_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -265,6 +347,11 @@ class Database:
                 log.info("database: retention deleted %d audit entries and %d finished pulls%s", deleted["audit"],
                          deleted["pulls"], " (more remain)" if backlog else "")
         self._next_prune = time.monotonic() + (PRUNE_BACKLOG_INTERVAL if backlog else PRUNE_INTERVAL)
+
+
+def _bump_models(conn: Connection) -> None:
+    conn.execute(change_generation.update().where(change_generation.c.scope == MODELS_SCOPE)
+                 .values(generation=change_generation.c.generation + 1))
 
 
 def _pull_dict(row: Row[Any]) -> dict[str, Any]:

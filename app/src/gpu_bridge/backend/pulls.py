@@ -3,6 +3,11 @@
 A pull is recorded in the database with each host's job, so its status survives a backend restart
 and is followed by asking only the hosts whose jobs have not finished. The routes are registered on
 the backend's blueprint by routes.py.
+
+Several backend instances share the database: a pull started through one is followed and cancelled
+through any other (the record names each host's job). Two instances may follow or cancel one pull at
+the same moment, so a record is written merged with the stored one (``settle``), and a pull that
+installed a model bumps the change generation that every instance's listing memo checks.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from ..errors import GpuBridgeError, InvalidRequest, NotFound
 from .db import DatabaseUnavailable
 from .inputs import bool_field, hosts_field, json_body, limit_query, model_field
 from .outcomes import JsonDict, all_failed, audit, brief, db_failed, outcome
-from .state import current_state, require_admin
+from .state import BackendState, current_state, require_admin
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -45,15 +50,16 @@ def pull_model() -> ResponseReturnValue:
             record[lbl] = {"error": r.get("error"), "code": r.get("code"), "status": r.get("status"),
                            **({"job": r["job"]} if r.get("job") else {})}
     state = overall_state(record)["state"]
+    installed = wait and bool(summary["ok"])  # the model is on those hosts now: every listing memo is old
     stored = True
     try:
-        st.db.create_pull(pull_id, model, state, record)
+        st.db.create_pull(pull_id, model, state, record, models_changed=installed)
     except SQLAlchemyError as exc:
         db_failed("record pull", exc)
         stored = False
+        if installed:
+            listing_changed(st)
     audit("pull", model, labels, outcome(summary), {"id": pull_id, "wait": wait, "results": brief(results)})
-    if wait and summary["ok"]:
-        st.invalidate_listing()
 
     payload: JsonDict = {"id": pull_id if stored else None, "model": model, "results": results}
     if summary["partial"]:
@@ -95,6 +101,34 @@ def overall_state(record: JsonDict) -> JsonDict:
         percent = 100.0
     return {"state": overall, "done": overall not in ("running",), "completed": completed, "total": total,
             "percent": percent}
+
+
+def settle(stored: JsonDict, ours: JsonDict) -> tuple[str, JsonDict]:
+    """This request's view of a pull's hosts merged with the stored one, which another instance may have
+    written since this one read it; returns (overall state, hosts). A job the stored record has as
+    finished stays as stored unless ours is finished too: a status read through one instance, which
+    asked the host a moment before a cancel through another, must not make the cancelled job running
+    again. (Left as it was, the next read would ask the host and repair it; this keeps the record from
+    going backwards in between.)"""
+    merged = dict(ours)
+    for lbl, theirs in stored.items():
+        their_state = (theirs.get("job") or {}).get("state")
+        our_state = ((ours.get(lbl) or {}).get("job") or {}).get("state")
+        if their_state in TERMINAL and our_state not in TERMINAL:
+            merged[lbl] = theirs
+    return overall_state(merged)["state"], merged
+
+
+def listing_changed(st: BackendState) -> None:
+    """The models changed but the write that should have recorded it failed: drop this process's memo
+    and record the change on its own, so that other instances stop serving theirs. If that fails too,
+    their memos last at most GPU_BRIDGE_CACHE_MAX_AGE seconds (and none is served while the database
+    cannot be read)."""
+    st.invalidate_listing()
+    try:
+        st.db.models_changed()
+    except SQLAlchemyError as exc:
+        db_failed("record models change", exc)
 
 
 def _pull_results(record: JsonDict, live_errors: dict[str, JsonDict]) -> dict[str, JsonDict]:
@@ -156,13 +190,15 @@ def pull_status(pull_id: str) -> ResponseReturnValue:
                     job = dict(record[lbl].get("job") or {})
                     job.update(state="failed", error=value.message, error_code="job_not_found")
                     record[lbl]["job"] = job
-        after = overall_state(record)
+        # Finished now: it may have installed the model, so every listing memo is old.
+        finished = overall_state(record)["done"] and not before["done"]
+        ours = record
         try:
-            st.db.update_pull(pull_id, after["state"], record)
+            record = st.db.merge_pull(pull_id, lambda stored: settle(stored, ours), models_changed=finished) or record
         except SQLAlchemyError as exc:
             db_failed("update pull", exc)
-        if after["done"] and not before["done"]:
-            st.invalidate_listing()
+            if finished:
+                listing_changed(st)
     overall = overall_state(record)
     return jsonify({"id": rec["id"], "model": rec["model"], "created_at": rec["created_at"], **overall,
                     "results": _pull_results(record, live_errors)})
@@ -191,11 +227,12 @@ def cancel_pull() -> ResponseReturnValue:
             results[lbl] = {"ok": True, "job": job}
         except GpuBridgeError as exc:
             results[lbl] = {"ok": False, "error": exc.message, "code": exc.code, "status": exc.status}
-    overall = overall_state(record)
+    ours = record
     try:
-        st.db.update_pull(pull_id, overall["state"], record)
+        record = st.db.merge_pull(pull_id, lambda stored: settle(stored, ours)) or record
     except SQLAlchemyError as exc:
         db_failed("update pull", exc)
+    overall = overall_state(record)
     summary = summarize(results) if results else {"ok": [], "failed": [], "partial": False}
     audit("cancel", rec["model"], list(results), outcome(summary) if results else "ok",
            {"id": pull_id, "results": brief(results)})

@@ -19,7 +19,7 @@ from .db import DatabaseUnavailable, iso
 from .inputs import bool_query, hosts_field, json_body, limit_query, model_field
 from .openapi import openapi_document
 from .outcomes import JsonDict, all_failed, audit, brief, db_failed, host_error, outcome
-from .pulls import cancel_pull, list_pulls, pull_model, pull_status
+from .pulls import cancel_pull, list_pulls, listing_changed, pull_model, pull_status
 from .state import current_state, require_admin
 
 bp = Blueprint("config", __name__)
@@ -34,9 +34,15 @@ bp.add_url_rule("/config/pulls", view_func=list_pulls, methods=["GET"])
 def list_models() -> ResponseReturnValue:
     st = current_state()
     refresh = bool_query("refresh")
-    memo, max_age = st.listing_memo, st.settings.cache_max_age
-    if memo and not refresh and max_age > 0 and time.monotonic() - memo[0] < max_age:
-        return jsonify({**memo[1], "source": "cache", "stale": False})
+    # Read before the hosts are asked: a change recorded meanwhile makes the new memo old at once.
+    try:
+        generation = st.listing_memo.generation()
+    except SQLAlchemyError as exc:
+        db_failed("read models generation", exc)
+        generation = None  # nothing served from the memo, nothing stored in it
+    memo = None if refresh else st.listing_memo.lookup(generation)
+    if memo is not None:
+        return jsonify({**memo, "source": "cache", "stale": False})
 
     listing = st.fleet.list_models()
     statuses, per_host = listing["hosts"], listing["per_host"]
@@ -68,7 +74,7 @@ def list_models() -> ResponseReturnValue:
         payload = {"models": models, "hosts": statuses, "source": "gpu", "stale": bool(failed),
                    "fetched_at": fetched_at}
         if not failed:
-            st.listing_memo = (time.monotonic(), payload)
+            st.listing_memo.store(generation, payload)
         return jsonify(payload)
 
     # No GPU host answered: the last good lists, marked stale.
@@ -97,8 +103,8 @@ def delete_model() -> ResponseReturnValue:
             st.db.forget_model(lbl, model)
         except SQLAlchemyError as exc:
             db_failed("update model cache", exc)
+            listing_changed(st)
             break
-    st.invalidate_listing()
     audit("delete", model, labels, outcome(summary), {"results": brief(results)})
     payload: JsonDict = {"model": model, "results": results}
     if summary["partial"]:

@@ -3,6 +3,11 @@
 ``schema_version`` holds one row, and ``MIGRATIONS`` lists ordered steps that ``Database.migrate``
 runs on start; each step is written so that running it again is harmless, and no step drops data.
 Add a step to change the schema; never edit a released one.
+
+``change_generation`` (v3) holds one counter per scope (``models``): every backend instance bumps it
+in the transaction that records a change to the GPU hosts' models (a ``wait`` pull, a pull seen
+finishing, a delete), and reads it before serving its in-process listing memo (listing_memo.py), so
+a change made through one instance is seen at once through every other.
 """
 
 from __future__ import annotations
@@ -50,6 +55,12 @@ pulls = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("hosts", sa.JSON, nullable=False),
 )
+change_generation = sa.Table(
+    "change_generation", metadata,  # added in v3
+    sa.Column("scope", sa.String(32), primary_key=True),
+    sa.Column("generation", sa.BigInteger, nullable=False),
+)
+MODELS_SCOPE = "models"
 
 
 # --- migrations -----------------------------------------------------------------------------------
@@ -94,5 +105,16 @@ def _v2(conn: Connection) -> None:
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_audit_log_at ON audit_log (at)"))
 
 
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2)]
+def _v3(conn: Connection) -> None:
+    """The change generation the listing memos of all backend instances check (starts at 0)."""
+    m = sa.MetaData()
+    table = sa.Table("change_generation", m,
+                     sa.Column("scope", sa.String(32), primary_key=True),
+                     sa.Column("generation", sa.BigInteger, nullable=False))
+    m.create_all(conn, checkfirst=True)
+    if conn.execute(sa.select(table.c.scope).where(table.c.scope == MODELS_SCOPE)).first() is None:
+        conn.execute(table.insert().values(scope=MODELS_SCOPE, generation=0))
+
+
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
 LATEST = MIGRATIONS[-1][0]

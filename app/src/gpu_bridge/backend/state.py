@@ -7,7 +7,6 @@ the other: no import circle.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from flask import current_app, request
 
@@ -17,6 +16,8 @@ from ..errors import Unauthorized
 from ..request_guard import is_loopback_name, is_loopback_peer
 from ..web import check_bearer
 from .db import Database
+from .listing_memo import ListingMemo
+from .metrics import BackendMetrics
 
 EXTENSION = "gpu_bridge_backend"
 
@@ -31,18 +32,23 @@ def is_loopback_bind(bind: str) -> bool:
 class BackendState:
     """What the routes share: settings, database, fleet, the short-lived listing memo."""
 
-    def __init__(self, settings: BackendSettings, db: Database, fleet: GpuFleet):
+    def __init__(self, settings: BackendSettings, db: Database, fleet: GpuFleet,
+                 metrics: BackendMetrics | None = None):
         self.settings = settings
         self.db = db
         self.fleet = fleet
+        # /metrics; other modules register their collectors on metrics.registry (drift.py)
+        self.metrics = metrics or BackendMetrics()
         self.started = time.monotonic()
         self.auth_required = not is_loopback_bind(settings.bind)
-        # (monotonic time it was stored, the /config/models answer)
-        self.listing_memo: tuple[float, dict[str, Any]] | None = None
+        # the last complete /config/models answer, checked against the database's change generation
+        self.listing_memo = ListingMemo(db, settings.cache_max_age)
         self.admin_tokens = (settings.admin_token.encode("utf-8"),) if settings.admin_token else ()
 
     def invalidate_listing(self) -> None:
-        self.listing_memo = None
+        """Drop this process's memo. Other instances learn of a change from the database's change
+        generation, bumped by the write that records it (listing_memo.py, pulls.listing_changed)."""
+        self.listing_memo.clear()
 
 
 def current_state() -> BackendState:
