@@ -350,7 +350,8 @@ def test_row6_worker_clock_31s_ahead_warns_and_says_so_in_expired_answers(share,
 def test_issue13_backed_up_worker_answers_late_command_expired_not_executed(share, start_worker, emulator):
     w = start_worker(share, emulator.url)
     emulator_control(emulator, "config", {"latency_ms": 2500})  # every Ollama call now takes 2.5 s
-    slow = [spool.make_command(HOST, "health", timeout=20) for _ in range(4)]  # fill the 4 pool threads
+    # "list" always asks Ollama (health may answer from its one-second probe cache): fills the 4 pool threads
+    slow = [spool.make_command(HOST, "list", timeout=20) for _ in range(4)]
     # Claimed well inside its 1.2 s (the worker polls every 5 ms), started only when a thread frees up.
     late = spool.make_command(HOST, "delete", {"model": INSTALLED}, timeout=1.2)
     for cmd in [*slow, late]:
