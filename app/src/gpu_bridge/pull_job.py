@@ -1,4 +1,8 @@
-"""One pull job: its states, its progress summed over layers, and its two JSON forms.
+"""One job: its states, its progress summed over layers, and its two JSON forms.
+
+A job is of one ``kind``: a ``pull`` (download a model; progress in bytes) or a ``load`` (bring an
+installed model into GPU memory with a ``keep_alive``; no byte progress, ``status`` says ``loading``
+then ``loaded``). Both share the states, the JSON forms and the job routes.
 
 ``Job.to_dict()`` is the Job object of docs/architecture.md (HTTP answers, the spool's progress
 files); ``Job.to_record()`` is what the state file keeps so that the next process can take the job
@@ -17,16 +21,26 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, overload
 
-from . import names
+from . import keep_alive, names
 from .errors import GpuBridgeError
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = frozenset({QUEUED, RUNNING})
+PULL, LOAD = "pull", "load"
+KINDS = (PULL, LOAD)
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _MAX_RECORD_LAYERS = 1000  # a real model has a handful of layers; more is not our file
+
+
+def job_key(kind: str, full_name: str, keep_alive_seconds: float | None = None) -> str:
+    """The dedupe key: one active pull per model; one active load per model and keep_alive (a load
+    asking for another keep_alive must run, or the later caller's wish would be lost)."""
+    if kind == PULL:
+        return full_name.lower()
+    return f"{kind}:{full_name.lower()}:{keep_alive_seconds}"
 
 
 @overload
@@ -43,13 +57,16 @@ def iso(ts: float | None) -> str | None:
 
 
 class Job:
-    """One pull. Read it with ``to_dict()``; the manager alone changes it (under its lock)."""
+    """One pull or load. Read it with ``to_dict()``; the manager alone changes it (under its lock)."""
 
-    def __init__(self, model: str, key: str, *, lock: threading.RLock | None = None, job_id: str | None = None):
+    def __init__(self, model: str, key: str, *, lock: threading.RLock | None = None, job_id: str | None = None,
+                 kind: str = PULL, keep_alive: float | None = None):
         now = time.time()
         self.id = job_id or uuid.uuid4().hex
         self.model = model
         self.key = key
+        self.kind = kind
+        self.keep_alive = keep_alive  # a load's seconds (-1 forever, None Ollama's default)
         self.state = QUEUED
         self.status: str | None = None
         self.error: str | None = None
@@ -95,8 +112,9 @@ class Job:
                 percent = round(min(100.0, 100.0 * completed / total), 1)
             else:
                 percent = None
-            return {
+            doc: dict[str, Any] = {
                 "id": self.id,
+                "kind": self.kind,
                 "model": self.model,
                 "state": self.state,
                 "completed": completed,
@@ -110,14 +128,18 @@ class Job:
                 "finished_at": iso(self.finished_at),
                 "updated_at": iso(self.updated_at),
             }
+            if self.kind == LOAD:
+                doc["keep_alive"] = self.keep_alive
+            return doc
 
     def __repr__(self) -> str:
-        return f"<Job {self.id} {self.model} {self.state}>"
+        return f"<Job {self.id} {self.kind} {self.model} {self.state}>"
 
     def to_record(self) -> dict[str, Any]:
         """What the state file keeps of a job (``from_record`` reads it back)."""
         with self._lock:
-            return {"id": self.id, "model": self.model, "state": self.state, "status": self.status,
+            return {"id": self.id, "kind": self.kind, "keep_alive": self.keep_alive, "model": self.model,
+                    "state": self.state, "status": self.status,
                     "error": self.error, "error_code": self.error_code, "error_status": self.error_status,
                     "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
                     "updated_at": self.updated_at, "resumed": self.resumed,
@@ -134,16 +156,23 @@ class Job:
         that it is shown as failed rather than silently dropped. Terminal records keep their error.
         """
         job_id, model, state = record.get("id"), record.get("model"), record.get("state")
+        kind = record.get("kind", PULL)  # files written before loads existed hold pulls only
         if not (isinstance(job_id, str) and _JOB_ID.match(job_id) and isinstance(model, str)
-                and isinstance(state, str) and state in STATES):
+                and isinstance(state, str) and state in STATES and kind in KINDS):
             return None
         error: GpuBridgeError | None = None
+        seconds: float | None = None
         try:
-            parsed: names.ModelName | None = names.validate(model, allowed_registries)
+            # A load fetches nothing: the grammar applies, the registry allow-list does not.
+            parsed: names.ModelName | None = names.validate(model, allowed_registries) if kind == PULL \
+                else names.parse(model)
+            if kind == LOAD:
+                seconds = keep_alive.parse(record.get("keep_alive"))
         except GpuBridgeError as exc:
             parsed, error = None, exc
-        key = parsed.full.lower() if parsed is not None else model[:300].lower()
-        job = cls(parsed.display if parsed is not None else model[:300], key, lock=lock, job_id=job_id)
+        full = parsed.full if parsed is not None else model[:300]
+        job = cls(parsed.display if parsed is not None else model[:300], job_key(str(kind), full, seconds), lock=lock,
+                  job_id=job_id, kind=str(kind), keep_alive=seconds)
         job.created_at = _number(record.get("created_at"), now)
         job.started_at = _number(record.get("started_at"))
         job.finished_at = _number(record.get("finished_at"))
