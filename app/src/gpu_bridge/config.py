@@ -346,6 +346,7 @@ class BackendSettings:
     bind: str = field_for(BACKEND_BIND)
     cache_max_age: float = field_for(CACHE_MAX_AGE)
     max_body_bytes: int = field_for(MAX_BODY_BYTES)
+    metrics_public: bool = field_for(METRICS_PUBLIC)  # /metrics without the admin token, as on the GPU server
     # The GPU servers' allow-list, checked here too: a pull the GPU hosts would refuse is refused
     # before any host is asked, and the published document can say which names are accepted.
     allowed_registries: tuple[str, ...] = field_for(ALLOWED_REGISTRIES)

@@ -57,11 +57,14 @@ class RequestLog:
 
     ``quiet(route, status)``: True leaves the access-log line out (the GPU server's successful
     health checks: monitors poll them every few seconds). ``observe(method, route, status,
-    seconds)``: called for every request, logged or not (the GPU server's metrics); ``method`` is
-    ``request_guard.method_label``'s, so a made-up method cannot grow the label set."""
+    seconds)``: called for every request, logged or not (both apps' metrics); ``method`` is
+    ``request_guard.method_label``'s, so a made-up method cannot grow the label set. ``route`` is the
+    URL rule (``/api/models/<path:name>``), or with ``by_endpoint`` the Flask endpoint name
+    (``config.list_models``); either way never the raw path, whose values the caller chooses."""
 
     quiet: Callable[[str, int], bool] | None = None
     observe: Callable[[str, str, int, float], None] | None = None
+    by_endpoint: bool = False
 
 
 def json_error(error: GpuBridgeError, extra: dict[str, object] | None = None) -> Response:
@@ -107,7 +110,8 @@ def install_request_hooks(app: Flask, log: RequestLog | None = None, *,
             response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
         route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
         if log.observe is not None:
-            log.observe(method_label(request.method), route, response.status_code, seconds)
+            label = (request.endpoint or UNMATCHED_ROUTE) if log.by_endpoint else route
+            log.observe(method_label(request.method), label, response.status_code, seconds)
         if log.quiet is None or not log.quiet(route, response.status_code):
             access_log.info(Fields(
                 message=f"{request.method} {request.path} {response.status_code}", event="request",

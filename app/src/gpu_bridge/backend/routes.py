@@ -73,6 +73,8 @@ def list_models() -> ResponseReturnValue:
         models = merge_models({**per_host, **cached}) if cached else listing["models"]
         payload = {"models": models, "hosts": statuses, "source": "gpu", "stale": bool(failed),
                    "fetched_at": fetched_at}
+        if failed:  # some host's models came from the cache (counted for the stale-answers alert)
+            st.metrics.stale_answer()
         if not failed:
             st.listing_memo.store(generation, payload)
         return jsonify(payload)
@@ -85,6 +87,7 @@ def list_models() -> ResponseReturnValue:
         resp = jsonify({"error": f"no GPU host answered and there is no cached model list yet: {detail}",
                         "code": summary["code"], "hosts": statuses})
         return resp, summary["status"]
+    st.metrics.stale_answer()
     return jsonify({"models": merge_models(cached), "hosts": statuses, "source": "cache", "stale": True,
                     "fetched_at": iso(min(fetched.values()))})
 

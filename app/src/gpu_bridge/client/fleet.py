@@ -22,13 +22,14 @@ Host labels (``name:port``) identify hosts everywhere; a selection may also use 
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from .. import names
 from ..config import BackendSettings, GpuHost
@@ -49,6 +50,21 @@ from .base import GpuTransport, JsonDict
 from .breaker import CLOSED, HALF_OPEN, CircuitBreaker
 
 TransportFactory = Callable[[GpuHost, BackendSettings], GpuTransport]
+
+
+def _stamp(times: dict[str, float], label: str, _done: Future[Outcome]) -> None:
+    times.setdefault(label, time.monotonic())
+
+
+class FleetObserver(Protocol):
+    """Who hears about the fleet (the backend's metrics): each breaker transition, and each host's
+    outcome (``ok`` or a ``failure_reason``) and wait in each fan-out. Called on request threads and
+    the pool's: both must be quick and must not call back into the fleet."""
+
+    def breaker_changed(self, host: str, old: str, new: str, reason: str) -> None: ...
+
+    def fanout_result(self, host: str, operation: str, outcome: str, seconds: float) -> None: ...
+
 # One host's outcome in a fan-out: (True, what the method returned) or (False, the error it raised).
 Outcome = tuple[bool, Any]
 
@@ -100,8 +116,9 @@ class HostSlot:
 
 class GpuFleet:
     def __init__(self, settings: BackendSettings, transport_factory: TransportFactory = make_transport,
-                 *, clock: Callable[[], float] = time.monotonic):
+                 *, clock: Callable[[], float] = time.monotonic, observer: FleetObserver | None = None):
         self.settings = settings
+        self.observer = observer
         hosts = settings.client.hosts
         if not hosts:
             raise ConfigError("no GPU host configured: set GPU_INSTANCE_HOSTS (comma-separated host[:port]) "
@@ -113,7 +130,8 @@ class GpuFleet:
             self.slots[host.label] = HostSlot(
                 host=host, transport=transport,
                 breaker=CircuitBreaker(host.label, cs.breaker_threshold, cs.breaker_cooldown, clock=clock,
-                                       probe=transport.probe))
+                                       probe=transport.probe,
+                                       on_transition=observer.breaker_changed if observer else None))
         self.transport_kind = next(iter(self.slots.values())).transport.kind
         self.fanout_deadline = cs.fanout_deadline
         self.change_deadline = cs.connect_timeout + cs.read_timeout + 1.0
@@ -215,6 +233,10 @@ class GpuFleet:
         host is known to be late, and the answer goes out at once (from the cache, for a listing)."""
         futures = {lbl: self._submit(lbl, method, args) for lbl in labels}
         now = time.monotonic()
+        done_at: dict[str, float] = {}  # when each host's answer arrived (for the observer)
+        if self.observer is not None:
+            for lbl, fut in futures.items():
+                fut.add_done_callback(functools.partial(_stamp, done_at, lbl))
         with self._inflight_lock:
             known_late = {f for f in futures.values()
                           if deadline is not None and now - self._started.get(f, now) >= deadline}
@@ -228,6 +250,11 @@ class GpuFleet:
                     f"{lbl} did not answer within the {deadline:g} s deadline of this request "
                     f"({'GPU_BRIDGE_FANOUT_DEADLINE' if deadline == self.fanout_deadline else 'connect + read timeout'}"
                     "); its call goes on in the background", host=lbl))
+        if self.observer is not None:
+            end = time.monotonic()
+            for lbl, (ok, value) in out.items():
+                self.observer.fanout_result(lbl, method, "ok" if ok else failure_reason(value),
+                                            done_at.get(lbl, end) - now)
         return out
 
     # --- operations ------------------------------------------------------------------------------
@@ -381,4 +408,4 @@ def summarize(results: dict[str, JsonDict]) -> JsonDict:
             "code": codes.pop() if len(codes) == 1 else "gpu_hosts_failed"}
 
 
-__all__ = ["GpuFleet", "HostSlot", "error_summary", "merge_models", "summarize", "utc_now_iso"]
+__all__ = ["FleetObserver", "GpuFleet", "HostSlot", "error_summary", "merge_models", "summarize", "utc_now_iso"]

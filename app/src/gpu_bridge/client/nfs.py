@@ -282,6 +282,10 @@ class NfsTransport(GpuTransport):
                 f"(no {spool.SENTINEL}): mount it (GPU_BRIDGE_NFS_ROOT) and run `gpu-bridge nfs-init` once",
                 host=self.label, code=ShareNotReady.code)
 
+    def heartbeat(self) -> spool.Liveness:
+        """The worker's heartbeat as judged now, without waiting (the backend's metrics, at scrape)."""
+        return self._liveness()
+
     def _liveness(self) -> spool.Liveness:
         with self._monitor_lock:
             return self._monitor.check()
