@@ -16,7 +16,6 @@ from ..errors import Unauthorized
 from ..request_guard import is_loopback_name, is_loopback_peer
 from ..web import check_bearer
 from .db import Database
-from .metrics import BackendMetrics
 from .listing_memo import ListingMemo
 from .metrics import BackendMetrics
 
