@@ -21,6 +21,11 @@ both):
   ``model_not_found``.
 * **copy**: the grammar for both names, no allow-list (a copy shares the source's blobs and fetches
   nothing); a source Ollama does not have is ``model_not_found``.
+* **loaded / load / unload** (what is in GPU memory): the grammar only (nothing is fetched). A load
+  of a model that is not installed is ``model_not_found`` at once, before any job; ``keep_alive`` is
+  checked by ``keep_alive.parse`` (``invalid_request``). A load is a job of kind ``load`` (the job
+  routes follow and cancel it); an embedding-only model fails it with ``invalid_request``. Unloading
+  a model that is not loaded is no error; one that is not installed is ``model_not_found``.
 * **job / cancel**: by job id; ``job_not_found`` for an unknown one, ``conflict`` to cancel a
   finished one.
 * **health** never fails: Ollama's state (probed at most once a second) and the GPUs' (NVML, cached
@@ -34,17 +39,21 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, names
+from . import __version__, keep_alive, names
 from .config import GpuServerSettings
-from .errors import OllamaError, OllamaUnavailable
+from .errors import GpuBridgeError, ModelNotFound, OllamaError, OllamaUnavailable
 from .job_state import JobStateFile
 from .jobs import Job, JobManager, check_free_space
 from .ollama import OllamaAdapter
+from .pull_job import LOAD
 
 if TYPE_CHECKING:
     from .gpu_server.health import GpuProbe, OllamaProbe
 
 JsonDict = dict[str, Any]
+# How long the metrics reuse one /api/ps answer: scrapes in a burst (two Prometheus servers, a
+# curl) cost Ollama one request.
+LOADED_CACHE_SECONDS = 2.0
 
 
 class GpuService:
@@ -62,7 +71,7 @@ class GpuService:
                  persist_jobs: bool = False, where: str = "") -> None:
         # Imported here, not at the top: importing the gpu_server package loads its Flask app module,
         # which imports this one (and the NFS worker needs no Flask until it probes health).
-        from .gpu_server.health import GpuProbe, OllamaProbe, probe_read_timeout
+        from .gpu_server.health import GpuProbe, OllamaProbe, TtlCache, probe_read_timeout
 
         self.settings = settings
         self.where = where
@@ -82,6 +91,7 @@ class GpuService:
         self.probe_read_timeout = probe_read_timeout(settings)
         self.gpu: GpuProbe = GpuProbe()
         self.ollama_probe: OllamaProbe = OllamaProbe(self.adapter, self.probe_read_timeout)
+        self._loaded_cache = TtlCache(self._loaded_report, LOADED_CACHE_SECONDS)
         self.started = time.monotonic()
 
     # --- models ----------------------------------------------------------------------------------
@@ -119,6 +129,41 @@ class GpuService:
                 digest = model.get("digest")
                 break
         return {"source": src, "destination": dst, "digest": digest}
+
+    # --- GPU memory: loaded models -----------------------------------------------------------------
+    def loaded(self) -> list[JsonDict]:
+        """What Ollama holds in memory now (``ollama_loaded.normalise_loaded`` entries)."""
+        return self.adapter.loaded_models()
+
+    def load(self, model: object, keep_alive_value: object = None) -> tuple[Job, bool]:
+        """Start (or join) loading an installed model; ``(job, joined)``. Refusals (bad name, not
+        installed, bad keep_alive: in that order, as the OpenAPI document promises) are raised here,
+        before any job exists."""
+        name = names.parse(model).display
+        if not any(isinstance(m.get("name"), str) and names.same_model(m["name"], name)
+                   for m in self.adapter.list_models()):
+            raise ModelNotFound(f"model {name!r} is not installed on this GPU host{self.where}: pull it first "
+                                "(a load never downloads)")
+        seconds = keep_alive.parse(keep_alive_value)
+        return self.jobs.submit(name, kind=LOAD, keep_alive=seconds)
+
+    def unload(self, model: object) -> JsonDict:
+        """Free the model's memory now. Not loaded is no error (the result is the same)."""
+        name = names.parse(model).display
+        self.adapter.unload(name)
+        return {"unloaded": name}
+
+    def loaded_snapshot(self) -> list[JsonDict] | None:
+        """``loaded()`` for the metrics: at most ``LOADED_CACHE_SECONDS`` old, asked with the probe's
+        read timeout so a scrape never waits longer on a hung Ollama; None when Ollama did not answer."""
+        models = self._loaded_cache.get().get("models")
+        return models if isinstance(models, list) else None
+
+    def _loaded_report(self) -> JsonDict:
+        try:
+            return {"models": self.adapter.loaded_models(read_timeout=self.probe_read_timeout)}
+        except GpuBridgeError as exc:
+            return {"models": None, "error": exc.message}
 
     # --- jobs ------------------------------------------------------------------------------------
     def job(self, job_id: str) -> Job:

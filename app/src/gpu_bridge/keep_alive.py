@@ -5,7 +5,8 @@ a negative value meaning "never unload". We accept the same, plus the word ``"fo
 into what is sent on: seconds as a number, ``-1`` for forever. The checks are stricter than Ollama's,
 because a typo should be a clear 400 here rather than a model that stays loaded for 292 years:
 
-* a duration string must use Go's units (``ns us µs ms s m h``) and is positive;
+* a string is ``"forever"``, ``"-1"``, or a duration in Go's units (``ns us µs ms s m h``) without a
+  sign or spaces, exactly ``PATTERN``;
 * a number is finite, not a boolean, and positive, or exactly ``-1`` (forever);
 * zero is refused: ``keep_alive 0`` unloads at once, which is what the unload route is for;
 * anything but forever is at most ``MAX_SECONDS`` (one year): a longer time is surely a mistake.
@@ -25,7 +26,13 @@ from .errors import InvalidRequest
 FOREVER = -1
 MAX_SECONDS = 365 * 24 * 3600
 _UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_UNIT = "(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h)"
+# What a keep_alive string may be, exactly (the OpenAPI documents publish it): "forever", "-1", or a
+# Go duration without sign. A match may still be refused for its length (zero, over a year).
+# The lookahead (a digit other than 0) refuses zero durations ("0s", "0h0m") by the pattern itself.
+PATTERN = rf"^(?:forever|-1|(?=[^1-9]*[1-9])(?:{_NUMBER}{_UNIT})+)$"
+_PART = re.compile(rf"({_NUMBER})({_UNIT})")
 _HINT = 'use a duration such as "30s", "5m" or "1h30m", a number of seconds, or "forever"'
 
 
@@ -58,27 +65,19 @@ def parse(value: object) -> float | int | None:
 
 
 def _duration(text: str) -> float | None:
-    """A Go duration string in seconds (``"1h30m"`` → 5400.0); None for ``"forever"``."""
-    stripped = text.strip()
-    if stripped.lower() == "forever":
+    """A keep_alive string in seconds (``"1h30m"`` → 5400.0); None for forever."""
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    if not re.fullmatch(PATTERN, text):
+        if re.fullmatch(rf"(?:{_NUMBER}{_UNIT})+", text):
+            raise InvalidRequest(f"keep_alive {shown!r} would unload the model at once: to unload, use the unload "
+                                 "operation; to keep it loaded, " + _HINT.removeprefix("use "))
+        if re.fullmatch(_NUMBER, text.strip()):
+            raise InvalidRequest(f"keep_alive {shown!r} has no unit: write {text.strip()}s for seconds, or send "
+                                 "a number")
+        raise InvalidRequest(f"keep_alive {shown!r} is not a duration: {_HINT}")
+    if text in ("forever", "-1"):
         return None
-    shown = stripped if len(stripped) <= 40 else stripped[:40] + "..."
-    if stripped in ("-1", "-1s"):
-        return None
-    if not stripped:
-        raise InvalidRequest(f"keep_alive is empty: {_HINT}")
-    if re.fullmatch(r"\d+(\.\d*)?", stripped):
-        if float(stripped) == 0:
-            return 0.0  # Go's one unit-less duration: refused by the caller as an unload
-        raise InvalidRequest(f"keep_alive {shown!r} has no unit: write {stripped}s for seconds, or send a number")
-    position, total = 0, 0.0
-    while position < len(stripped):
-        match = _PART.match(stripped, position)
-        if match is None:
-            raise InvalidRequest(f"keep_alive {shown!r} is not a duration: {_HINT}")
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        position = match.end()
-    return total
+    return sum(float(number) * _UNITS[unit] for number, unit in _PART.findall(text))
 
 
 def describe(keep_alive: float | int | None) -> str:
@@ -95,4 +94,4 @@ def describe(keep_alive: float | int | None) -> str:
     return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (seconds, "s")) if n)
 
 
-__all__ = ["FOREVER", "MAX_SECONDS", "describe", "parse"]
+__all__ = ["FOREVER", "MAX_SECONDS", "PATTERN", "describe", "parse"]

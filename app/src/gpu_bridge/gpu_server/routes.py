@@ -18,6 +18,7 @@ from flask.typing import ResponseReturnValue
 from .. import __version__
 from ..errors import InvalidRequest, RateLimited
 from ..gpu_service import GpuService
+from ..jobs import Job
 from ..request_guard import json_object, read_body, refuse_browser_requests
 from .openapi import build_document
 from .state import EXTENSION, ServerState
@@ -91,19 +92,26 @@ def pull_model(name: str) -> ResponseReturnValue:
     state.service.model_to_pull(name)
     wait = _flag("wait")
     # A wait slot is taken before anything starts: a refused wait starts no pull.
-    if wait and not (state.settings.max_waiting_pulls and state.wait_slots.acquire(blocking=False)):
-        raise RateLimited(f"{state.settings.max_waiting_pulls} requests already wait for pulls to finish "
-                          "(GPU_BRIDGE_MAX_WAITING_PULLS): start the pull without ?wait=true and poll "
-                          "GET /api/jobs/<id>", retry_after=WAIT_RETRY_AFTER, code="too_many_waits")
+    if wait:
+        _take_wait_slot(state, "pull")
     try:
-        return _start_pull(state.service, name, wait)
+        job, joined = state.service.pull(name)
+        return _job_answer(state.service, job, joined, wait)
     finally:
         if wait:
             state.wait_slots.release()
 
 
-def _start_pull(service: GpuService, name: str, wait: bool) -> ResponseReturnValue:
-    job, joined = service.pull(name)
+def _take_wait_slot(state: ServerState, what: str) -> None:
+    """One of the GPU_BRIDGE_MAX_WAITING_PULLS ``?wait=true`` slots (pulls and loads share them)."""
+    if not (state.settings.max_waiting_pulls and state.wait_slots.acquire(blocking=False)):
+        raise RateLimited(f"{state.settings.max_waiting_pulls} requests already wait for jobs to finish "
+                          f"(GPU_BRIDGE_MAX_WAITING_PULLS): start the {what} without ?wait=true and poll "
+                          "GET /api/jobs/<id>", retry_after=WAIT_RETRY_AFTER, code="too_many_waits")
+
+
+def _job_answer(service: GpuService, job: Job, joined: bool, wait: bool) -> ResponseReturnValue:
+    """202 + the job at once; with wait, 200 + the job once it succeeded, else the job's error status."""
     headers = {"Location": f"/api/jobs/{job.id}"}
     if not wait:
         return jsonify({**job.to_dict(), "joined": joined}), 202, headers
@@ -111,7 +119,7 @@ def _start_pull(service: GpuService, name: str, wait: bool) -> ResponseReturnVal
     body = {**job.to_dict(), "joined": joined}
     if job.state == "succeeded":
         return jsonify(body), 200, headers
-    response = jsonify({"error": job.error or f"pull {job.state}", "code": job.error_code or "ollama_error",
+    response = jsonify({"error": job.error or f"{job.kind} {job.state}", "code": job.error_code or "ollama_error",
                         "job": body})
     response.status_code = job.error_status or 502
     response.headers.update(headers)
@@ -137,6 +145,44 @@ def copy_model() -> ResponseReturnValue:
         if not isinstance(body.get(field), str):
             raise InvalidRequest(f"missing field {field!r} (a model name such as 'llama3.2:latest')")
     return jsonify(_service().copy(body["source"], body["destination"]))
+
+
+# --- GPU memory: loaded models, load, unload ----------------------------------------------------
+# GET /api/models/loaded cannot be mistaken for a model: no GET route takes a name. The POST routes'
+# names always carry a tag when our clients send them (llama3.2:latest/load), so a pull of a model
+# named .../load is still reachable as .../load:latest.
+@api.get("/api/models/loaded")
+def loaded_models() -> ResponseReturnValue:
+    return jsonify({"models": _service().loaded()})
+
+
+@api.post("/api/models/<path:name>/load")
+@rate_limited
+def load_model(name: str) -> ResponseReturnValue:
+    """Optional body ``{"keep_alive": "1h" | 3600 | "forever"}``; ``?wait=true`` as for pulls."""
+    state = _state()
+    raw = read_body(request, state.settings.max_body_bytes)
+    # Bearer-authenticated, so no browser can send it with a user's credentials; still JSON only.
+    refuse_browser_requests(request, trusts_loopback=False, body=raw)
+    body = json_object(raw, example='{"keep_alive": "1h"}') if raw.strip() else {}
+    unknown = sorted(set(body) - {"keep_alive"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(map(repr, unknown))}: the body may only hold keep_alive")
+    wait = _flag("wait")
+    if wait:
+        _take_wait_slot(state, "load")
+    try:
+        job, joined = state.service.load(name, body.get("keep_alive"))
+        return _job_answer(state.service, job, joined, wait)
+    finally:
+        if wait:
+            state.wait_slots.release()
+
+
+@api.post("/api/models/<path:name>/unload")
+@rate_limited
+def unload_model(name: str) -> ResponseReturnValue:
+    return jsonify(_service().unload(name))
 
 
 # --- jobs ---------------------------------------------------------------------------------------
