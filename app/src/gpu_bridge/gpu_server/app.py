@@ -72,7 +72,8 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
     services: list[GpuService] = []  # the metrics' callbacks run at scrape time, after it is built
     metrics = Metrics(pull_counts=lambda: services[0].pull_counts(),
                       ollama_up=lambda: bool(services[0].ollama_status()["reachable"]),
-                      gpu_snapshot=lambda: services[0].gpu_snapshot())
+                      gpu_snapshot=lambda: services[0].gpu_snapshot(),
+                      loaded_models=lambda: services[0].loaded_snapshot())
     # persist_jobs: a reload's new worker process takes the pulls over from the job state file.
     service = GpuService(settings, on_job_change=metrics.job_changed, persist_jobs=True)
     services.append(service)
