@@ -93,6 +93,11 @@ AUDIT_RETENTION_DAYS = IntSetting("GPU_BRIDGE_AUDIT_RETENTION_DAYS", 90, "days a
                                   minimum=0)
 PULL_RETENTION_DAYS = IntSetting("GPU_BRIDGE_PULL_RETENTION_DAYS", 30, "days finished pulls are kept; 0: forever",
                                  minimum=0)
+# Models as code: the declared models of every GPU host (the prod_backend role writes the file from the
+# inventory) and how often the backend compares them with what the hosts hold.
+DECLARED_MODELS_FILE = OptionalStrSetting("GPU_BRIDGE_DECLARED_MODELS_FILE", None,
+                                          "the declared models (JSON); unset: no drift report")
+DRIFT_INTERVAL = FloatSetting("GPU_BRIDGE_DRIFT_INTERVAL", 60.0, "seconds between drift checks; 0: on request only")
 
 # Every setting above (tests/test_docs.py compares them with the README and the roles).
 SETTINGS: tuple[Setting[Any], ...] = tuple(v for v in list(globals().values()) if isinstance(v, Setting))
@@ -353,6 +358,8 @@ class BackendSettings:
     client: ClientSettings = field(default_factory=ClientSettings)
     nfs: NfsSettings = field(default_factory=NfsSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    declared_models_file: str | None = field_for(DECLARED_MODELS_FILE)
+    drift_interval: float = field_for(DRIFT_INTERVAL)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BackendSettings:

@@ -28,6 +28,10 @@ _REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
                "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": REQUEST_ID_PATTERN}}
 
 
+def _bool_query(name: str, description: str) -> Json:
+    return {"name": name, "in": "query", "schema": {"type": "boolean"}, "description": description}
+
+
 def openapi_document(hosts: list[str] | None = None,
                      allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> Json:
     """The document as this backend applies it: ``hosts`` (its GPU hosts' labels and names) is the
@@ -65,6 +69,30 @@ def openapi_document(hosts: list[str] | None = None,
                                                                       "(the backend polls the jobs; "
                                                                       "GPU_BRIDGE_PULL_TIMEOUT without progress)"}}}
     per_host = {"type": "object", "additionalProperties": host_result}
+    copy_body = {"type": "object", "required": ["source", "destination"],
+                 "properties": {"source": model_field(None), "destination": model_field(None),
+                                "hosts": model_body["properties"]["hosts"]}}
+    drift_item = {"type": "object", "required": ["host", "model", "kind", "detail"], "properties": {
+        "host": {"type": "string"}, "model": {"type": "string", "description": "'*' for an unreachable host"},
+        "kind": {"type": "string", "enum": ["missing", "extra", "diverged", "not_loaded", "unreachable"]},
+        "detail": {"type": "string"}}}
+    action = {"type": "object", "required": ["host", "op", "model", "reason"], "properties": {
+        "host": {"type": "string"}, "op": {"type": "string", "enum": ["delete", "pull", "update", "load"]},
+        "model": {"type": "string"}, "reason": {"type": "string"},
+        "snapshot": {"type": "string", "description": "update: where the replaced build is kept"},
+        "keep_alive": {"description": "load: how long the model stays in memory"}}}
+    drift_report = {"type": "object",
+                    "required": ["in_sync", "checked_at", "age_s", "update", "drift", "plan", "counts", "hosts"],
+                    "properties": {
+                        "in_sync": {"type": "boolean"}, "checked_at": {"type": "string", "format": "date-time"},
+                        "age_s": {"type": "number", "description": "seconds since the observation ended"},
+                        "interval_s": {"type": "number"}, "update": {"type": "boolean"},
+                        "drift": {"type": "array", "items": drift_item}, "plan": {"type": "array", "items": action},
+                        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "hosts": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                            "declared": {"type": "boolean"}, "ok": {"type": "boolean"}, "group": {"type": "string"},
+                            "prune": {"type": "boolean"}, "models": {"type": "integer"},
+                            "residency_known": {"type": "boolean"}, "error": {"type": "string"}}}}}}
     progress = {
         "type": "object",
         "properties": {
@@ -142,6 +170,35 @@ def openapi_document(hosts: list[str] | None = None,
                         "deleted on at least one host"),
                     "400": _err("bad request"), "401": _err("admin token missing or wrong"),
                     "404": _err("the model is on no selected host (code model_not_found)"),
+                    "502": _err(failed), "503": _err(failed), "504": _err(failed),
+                }}},
+            "/config/drift": {"get": {
+                "summary": "How the GPU hosts differ from their declared models (models as code)",
+                "description": "From the backend's last observation (refreshed every GPU_BRIDGE_DRIFT_INTERVAL s; "
+                               "checked_at and age_s say how old it is). drift kinds: missing, extra, diverged, "
+                               "not_loaded, unreachable.",
+                "parameters": [_bool_query("refresh", "observe the GPU hosts now instead of answering from the last "
+                                                      "observation")],
+                "responses": {"200": _json(drift_report, "the drift and the plan that would fix it"),
+                              "503": _err("no declared state: GPU_BRIDGE_DECLARED_MODELS_FILE unset "
+                                          "(drift_not_configured) or unusable (declared_state_invalid)")}}},
+            "/config/plan": {"get": {
+                "summary": "The actions that bring the GPU hosts to their declared models (what models apply runs)",
+                "parameters": [_bool_query("update", "re-pull every declared model for a newer build (each "
+                                                     "replaced build is kept as a snapshot)"),
+                               _bool_query("refresh", "observe the GPU hosts now")],
+                "responses": {"200": _json(drift_report, "the plan, with the drift it answers"),
+                              "503": _err("no declared state (drift_not_configured, declared_state_invalid)")}}},
+            "/config/copy-model": {"post": {
+                "summary": "Copy a model under another name on every (or the chosen) GPU host (no download)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": copy_body}}},
+                "responses": {
+                    "200": _json({"type": "object", "properties": {
+                        "source": {"type": "string"}, "destination": {"type": "string"}, "results": per_host,
+                        "partial": {"type": "boolean"}}}, "copied on at least one host"),
+                    "400": _err("bad request"), "401": _err("admin token missing or wrong"),
+                    "404": _err("the source is on no selected host (code model_not_found)"),
+                    "429": _err("every host refused (rate_limited)"),
                     "502": _err(failed), "503": _err(failed), "504": _err(failed),
                 }}},
             "/config/audit": {"get": {

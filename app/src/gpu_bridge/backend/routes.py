@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .. import __version__
 from ..client.fleet import merge_models, summarize, utc_now_iso
+from .as_code import copy_model, drift_report, plan_report, start_drift_monitor
 from .db import DatabaseUnavailable, iso
 from .inputs import bool_query, hosts_field, json_body, limit_query, model_field
 from .openapi import openapi_document
@@ -27,6 +28,11 @@ bp.add_url_rule("/config/pull-model", view_func=pull_model, methods=["POST"])
 bp.add_url_rule("/config/pull-status/<pull_id>", view_func=pull_status, methods=["GET"])
 bp.add_url_rule("/config/cancel-pull", view_func=cancel_pull, methods=["POST"])
 bp.add_url_rule("/config/pulls", view_func=list_pulls, methods=["GET"])
+# Models as code (as_code.py): drift, plan, copy; the drift monitor starts with the app.
+bp.add_url_rule("/config/drift", view_func=drift_report, methods=["GET"])
+bp.add_url_rule("/config/plan", view_func=plan_report, methods=["GET"])
+bp.add_url_rule("/config/copy-model", view_func=copy_model, methods=["POST"])
+bp.record_once(start_drift_monitor)
 
 
 # --- models -----------------------------------------------------------------------------------------
