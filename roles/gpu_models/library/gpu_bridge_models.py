@@ -90,9 +90,9 @@ results:
   elements: dict
 """
 
-from urllib.parse import quote
+from urllib.parse import quote  # noqa: E402 - Ansible modules import after their DOCUMENTATION
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 
 class GpuServerOps:
@@ -113,14 +113,21 @@ class GpuServerOps:
         try:
             response = self.session.request(method, self.url + path, json=json, params=params,
                                             timeout=(5.0, read_timeout))
+        except requests.Timeout:
+            raise self.errors.GpuHostTimeout(f"{method} {path}: the GPU server at {self.url} did not answer within "
+                                             f"{read_timeout:g} s (gpu_models_timeout for pulls and loads)") from None
         except requests.RequestException as exc:
-            raise self.errors.GpuUnreachable(f"GPU server at {self.url} did not answer: {exc}") from None
+            raise self.errors.GpuHostUnreachable(f"the GPU server at {self.url} did not answer "
+                                                 f"({type(exc).__name__}): is gpu-bridge-gpu running there?") from None
         if missing_ok and response.status_code in (404, 405):
             return None
         try:
             body = response.json()
         except ValueError:
             body = {"error": response.text[:300]}
+        if response.status_code < 400 and not isinstance(body, dict):
+            raise self.errors.GpuBridgeError(f"{method} {path}: the GPU server at {self.url} answered "
+                                             f"HTTP {response.status_code} without a JSON object")
         if response.status_code >= 400:
             code = body.get("code") if isinstance(body, dict) else None
             message = body.get("error") if isinstance(body, dict) else None
@@ -129,13 +136,19 @@ class GpuServerOps:
         return body
 
     def list_models(self):
-        return self._call("GET", "/api/models")["models"]
+        models = self._call("GET", "/api/models").get("models")
+        if not isinstance(models, list):
+            raise self.errors.GpuBridgeError(f"GET /api/models on {self.url}: no list of models in the answer")
+        return models
 
     def loaded(self):
         """The models resident in GPU memory; None from a GPU server older than the route (it answers
         GET /api/models/<name> with 405, or 404), which cannot say."""
         body = self._call("GET", "/api/models/loaded", missing_ok=True)
-        return None if body is None else body.get("models", [])
+        models = None if body is None else body.get("models")
+        if body is not None and not isinstance(models, list):
+            raise self.errors.GpuBridgeError(f"GET /api/models/loaded on {self.url}: no list of models in the answer")
+        return models
 
     def copy(self, source, destination):
         self._call("POST", "/api/copy", json={"source": source, "destination": destination})
@@ -217,7 +230,7 @@ def main():
     except errors.GpuBridgeError as exc:
         module.fail_json(msg=exc.message)
     except OSError as exc:
-        module.fail_json(msg=f"cannot read the API token {p['token_file']}: {exc.strerror}")
+        module.fail_json(msg=f"{host}: cannot read the API token {p['token_file']}: {exc.strerror}")
     ops = GpuServerOps(p["url"], token, p["timeout"], errors)
     result = {"changed": False, "plan": [], "drift": [], "results": []}
     try:
