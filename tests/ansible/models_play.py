@@ -152,5 +152,6 @@ def run_models(tmp_path: Path, hosts: list[GpuHost], models: list | None, *, che
         try:
             data = json.loads(done.stdout)
         except ValueError:
-            raise AssertionError(f"ansible-playbook wrote no JSON (exit {done.returncode}):\n{output[-3000:]}") from None
+            raise AssertionError(f"ansible-playbook wrote no JSON (exit {done.returncode}):\n"
+                                 f"{output[-3000:]}") from None
     return PlayRun(done.returncode, output, data)
