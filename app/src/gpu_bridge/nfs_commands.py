@@ -3,8 +3,9 @@
 What an operation means (name grammar, registry allow-list, free-space rule, the delete rule) is
 decided by the service, the same for HTTP (gpu_service.py). This module only translates: a command's
 ``args`` in, the answer's ``result`` out, plus what only this channel has: job ids that are pull
-command ids (nfs_progress.py), models.json refreshed after a change, and the note on a ``delete``
-re-run after a crash.
+(and load) command ids (nfs_progress.py), models.json refreshed after a change, and the note on a
+``delete`` re-run after a crash. A load is a job like a pull: ``load`` answers the job, its progress
+file follows it, and a restart resumes it (``start_pull`` sees the job's ``kind``).
 
 Adding an operation: a method on ``GpuService``, a ``_op_<name>`` method here, and the name in
 ``spool.OPS`` (the protocol; ``INLINE_OPS`` when it answers from memory without calling Ollama).
@@ -75,9 +76,26 @@ class NfsCommands:
         return self.start_pull(rid, args.get("model"))
 
     def start_pull(self, cmd_id: str, model: object, previous: JsonDict | None = None) -> JsonDict:
-        """The one way into a pull, for a new command and for a resumed progress file alike."""
+        """The one way into a pull, for a new command and for a resumed progress file alike (a resumed
+        load job, ``kind: "load"``, loads again with its keep_alive: a load is as safe to repeat)."""
+        if previous is not None and previous.get("kind") == "load":
+            return self.start_load(cmd_id, model, previous.get("keep_alive"), previous)
         job, joined = self.service.pull(model)
         return self.progress.track(cmd_id, job, joined, previous)
+
+    # --- GPU memory ----------------------------------------------------------------------------------
+    def _op_loaded(self, rid: str, args: dict[str, Any], recovered: bool) -> JsonDict:
+        return {"models": self.service.loaded()}
+
+    def _op_load(self, rid: str, args: dict[str, Any], recovered: bool) -> JsonDict:
+        return self.start_load(rid, args.get("model"), args.get("keep_alive"))
+
+    def start_load(self, cmd_id: str, model: object, keep_alive: object, previous: JsonDict | None = None) -> JsonDict:
+        job, joined = self.service.load(model, keep_alive)
+        return self.progress.track(cmd_id, job, joined, previous)
+
+    def _op_unload(self, rid: str, args: dict[str, Any], recovered: bool) -> JsonDict:
+        return self.service.unload(args.get("model"))
 
     def _op_job(self, rid: str, args: dict[str, Any], recovered: bool) -> JsonDict:
         job_id = job_id_arg(args)

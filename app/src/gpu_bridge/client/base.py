@@ -44,6 +44,7 @@ from .wire_errors import job_error
 JsonDict = dict[str, Any]
 
 PULL_POLL_INTERVAL = 0.25  # seconds between polls of a job someone waits for
+LOAD_WAIT_GRACE = 60.0  # seconds a waited load may stay unchanged beyond GPU_BRIDGE_PULL_TIMEOUT (no_change_limit)
 
 
 class GpuTransport(ABC):
@@ -103,6 +104,35 @@ class GpuTransport(ABC):
         raise GpuBridgeError(f"{self.host.label}: the {self.kind} transport cannot copy models", host=self.host.label,
                              status=501, code="not_implemented")
 
+    # --- GPU memory: loaded models -----------------------------------------------------------------
+    # Both transports implement these; the defaults serve test doubles that hold nothing in memory.
+    def loaded_models(self) -> list[JsonDict]:
+        """Models in the host's memory: dicts with name, model, digest, size, size_vram, cpu_spill,
+        context_length, expires_at (``GET /api/models/loaded``).
+
+        Raises ``GpuHostError``s (Ollama down: ``code=ollama_unavailable``)."""
+        raise self._not_implemented("list loaded models")
+
+    def load_model(self, model: str, keep_alive: object = None, wait: bool = True) -> JsonDict:
+        """Load an installed model into memory; returns its Job (kind ``load``), once it succeeded
+        when ``wait`` (``wait_job``, raising the job's error), else at once (``"joined"`` as for pulls).
+
+        ``keep_alive``: what ``keep_alive.parse`` accepts (``"1h"``, seconds, ``"forever"``), None for
+        Ollama's default. Raises ``InvalidModelName`` and ``InvalidRequest`` (keep_alive) before sending,
+        ``ModelNotFound`` (not installed), ``QueueFull``/``RateLimited``, ``GpuHostError``s; with wait,
+        the job's error (``InvalidRequest`` for an embedding-only model, ``Conflict`` when cancelled)."""
+        raise self._not_implemented("load models")
+
+    def unload_model(self, model: str) -> JsonDict:
+        """Unload a model now; returns ``{"unloaded": name}`` (also when it was not loaded).
+
+        Raises ``InvalidModelName`` before sending, ``ModelNotFound`` (not installed), ``GpuHostError``s."""
+        raise self._not_implemented("unload models")
+
+    def _not_implemented(self, what: str) -> GpuBridgeError:
+        return GpuBridgeError(f"{self.host.label}: the {self.kind} transport cannot {what}", host=self.host.label,
+                              status=501, code="not_implemented")
+
     # --- jobs ------------------------------------------------------------------------------------
     @abstractmethod
     def get_job(self, job_id: str) -> JsonDict:
@@ -132,7 +162,8 @@ class GpuTransport(ABC):
         no-progress limit, then its ``GpuHostError`` is raised. No request or GPU-server thread is held
         for the whole pull, and a slow pull that makes progress is never a read timeout."""
         label, job_id = self.host.label, job["id"]
-        stall, total = self.client_settings.pull_timeout, self.client_settings.pull_deadline
+        stall, total = no_change_limit(job, self.client_settings.pull_timeout), self.client_settings.pull_deadline
+        what = job_kind(job)
         started = last_change = time.monotonic()
         key: tuple[object, ...] | None = None
         poll_error: GpuHostError | None = None
@@ -150,11 +181,11 @@ class GpuTransport(ABC):
                 if poll_error is not None:
                     poll_error.extra.setdefault("job", job)
                     raise poll_error
-                raise PullStalled(f"{label}: the pull of {job.get('model')!r} (job {job_id}) made no progress for "
+                raise PullStalled(f"{label}: the {what} of {job.get('model')!r} (job {job_id}) made no progress for "
                                   f"{stall:g} s (GPU_BRIDGE_PULL_TIMEOUT); last status: {job.get('status') or 'none'}",
                                   host=label, extra={"job": job})
             if total and now - started > total:
-                raise PullStalled(f"{label}: the pull of {job.get('model')!r} (job {job_id}) is still {state} after "
+                raise PullStalled(f"{label}: the {what} of {job.get('model')!r} (job {job_id}) is still {state} after "
                                   f"{total:g} s (GPU_BRIDGE_PULL_DEADLINE); it goes on on the host: follow it with "
                                   f"GET /api/jobs/{job_id}", host=label, code="pull_deadline", extra={"job": job})
             time.sleep(PULL_POLL_INTERVAL)
@@ -172,4 +203,16 @@ class GpuTransport(ABC):
         return f"<{type(self).__name__} {self.host.label}>"
 
 
-__all__ = ["PULL_POLL_INTERVAL", "GpuTransport", "JsonDict"]
+def job_kind(job: JsonDict) -> str:
+    """``"pull"`` or ``"load"``, for messages (a job from an older GPU server has no kind: a pull)."""
+    return "load" if job.get("kind") == "load" else "pull"
+
+
+def no_change_limit(job: JsonDict, pull_timeout: float) -> float:
+    """How long a waited job may show no change. A load shows none until it ends, and the GPU host
+    gives it GPU_BRIDGE_PULL_STALL_TIMEOUT (300 s by default): waiting LOAD_WAIT_GRACE longer than
+    GPU_BRIDGE_PULL_TIMEOUT lets the host's own verdict (loaded, or its timeout) arrive first."""
+    return pull_timeout + LOAD_WAIT_GRACE if job_kind(job) == "load" else pull_timeout
+
+
+__all__ = ["LOAD_WAIT_GRACE", "PULL_POLL_INTERVAL", "GpuTransport", "JsonDict", "job_kind", "no_change_limit"]

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import requests
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
+from .. import keep_alive as keep_alive_rule
 from .. import names
 from ..config import ClientSettings, GpuHost
 from ..errors import Conflict, GpuBridgeError, GpuHostError, InvalidRequest, ModelNotFound
@@ -99,6 +100,26 @@ class HttpTransport(GpuTransport):
     def copy_model(self, source: str, destination: str) -> JsonDict:
         body = {"source": names.parse(source).display, "destination": names.parse(destination).display}
         return self._request("POST", "/api/copy", json_body=body)
+
+    def loaded_models(self) -> list[JsonDict]:
+        body = self._request("GET", "/api/models/loaded")
+        models = body.get("models")
+        if not isinstance(models, list):
+            raise GpuHostError(f"{self.host.label} sent a loaded-model list without 'models': is it a gpu-bridge GPU "
+                               "server of this version?", host=self.host.label)
+        return models
+
+    def load_model(self, model: str, keep_alive: object = None, wait: bool = True) -> JsonDict:
+        seconds = keep_alive_rule.parse(keep_alive)  # InvalidRequest before anything is sent
+        body = {} if seconds is None else {"keep_alive": seconds}
+        job = self._request("POST", f"/api/models/{self._model_path(model)}/load", json_body=body)
+        if not wait:
+            return job
+        job.pop("joined", None)
+        return self.wait_job(job)  # polls GET /api/jobs/<id>: no GPU-server thread held for the load
+
+    def unload_model(self, model: str) -> JsonDict:
+        return self._request("POST", f"/api/models/{self._model_path(model)}/unload")
 
     def close(self) -> None:
         self.session.close()

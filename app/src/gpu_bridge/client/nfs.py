@@ -32,6 +32,7 @@ import threading
 import time
 from typing import TypeGuard
 
+from .. import keep_alive as keep_alive_rule
 from .. import names, spool
 from ..config import BackendSettings, GpuHost
 from ..errors import (
@@ -45,7 +46,7 @@ from ..errors import (
     PullStalled,
     ShareNotReady,
 )
-from .base import GpuTransport, JsonDict
+from .base import GpuTransport, JsonDict, job_kind, no_change_limit
 from .wire_errors import error_from_wire, job_error
 
 RESTART_GRACE = 5.0  # seconds a pull_and_wait tolerates a down worker (it resumes pulls after a restart)
@@ -133,8 +134,8 @@ class NfsTransport(GpuTransport):
 
     def wait_job(self, job: JsonDict) -> JsonDict:
         """Follow a job's progress file until it is terminal; raise its error like ``?wait=true`` does."""
-        job_id = job["id"]
-        stall_limit, total = self.settings.client.pull_timeout, self.settings.client.pull_deadline
+        job_id, what = job["id"], job_kind(job)
+        stall_limit, total = no_change_limit(job, self.settings.client.pull_timeout), self.settings.client.pull_deadline
         poll = max(self.nfs.poll_interval, 0.05)
         key, last_change = None, time.monotonic()
         started = last_change
@@ -154,11 +155,11 @@ class NfsTransport(GpuTransport):
                     key, last_change = new_key, time.monotonic()
             now = time.monotonic()
             if total and now - started > total:
-                raise PullStalled(f"{self.label}: the pull of {job.get('model')!r} (job {job_id}) is unfinished after "
-                                  f"{total:g} s (GPU_BRIDGE_PULL_DEADLINE); it goes on on the host",
+                raise PullStalled(f"{self.label}: the {what} of {job.get('model')!r} (job {job_id}) is unfinished "
+                                  f"after {total:g} s (GPU_BRIDGE_PULL_DEADLINE); it goes on on the host",
                                   host=self.label, code="pull_deadline", extra={"job": job})
             if now - last_change > stall_limit:
-                raise PullStalled(f"{self.label}: the pull of {job.get('model')!r} (job {job_id}) made no progress "
+                raise PullStalled(f"{self.label}: the {what} of {job.get('model')!r} (job {job_id}) made no progress "
                                   f"for {stall_limit:g} s (GPU_BRIDGE_PULL_TIMEOUT); last status: "
                                   f"{job.get('status') or 'none'}", host=self.label, extra={"job": job})
             if now >= next_beat_check:
@@ -211,6 +212,24 @@ class NfsTransport(GpuTransport):
     def copy_model(self, source: str, destination: str) -> JsonDict:
         return self._call("copy", {"source": names.parse(source).display,
                                    "destination": names.parse(destination).display})
+
+    def loaded_models(self) -> list[JsonDict]:
+        # Always a round trip: what is loaded changes by the minute (keep_alive), models.json would lag.
+        models = self._call("loaded").get("models")
+        if not isinstance(models, list):
+            raise GpuHostError(f"{self.label} answered 'loaded' without 'models'", host=self.label)
+        return models
+
+    def load_model(self, model: str, keep_alive: object = None, wait: bool = True) -> JsonDict:
+        parsed = names.parse(model)  # InvalidModelName, then InvalidRequest, before anything is written
+        job = self._call("load", {"model": parsed.display, "keep_alive": keep_alive_rule.parse(keep_alive)})
+        joined = job.pop("joined", False)
+        if wait:
+            return self.wait_job(job)  # the progress file, as for pulls
+        return {**job, "joined": True} if joined else job
+
+    def unload_model(self, model: str) -> JsonDict:
+        return self._call("unload", {"model": names.parse(model).display})
 
     def close(self) -> None:
         """Nothing to release: every file is opened and closed per operation."""

@@ -5,8 +5,9 @@ GPU-side worker (``nfs_worker.py``). Moving the documents through the share is `
 
 Command (``gpu_commands/<host>/new/<id>.json``)::
 
-    {"v": 1, "id": "<request id>", "op": "ping|list|pull|delete|job|cancel|health|copy",
-     "args": {"model": "..."} | {"job_id": "..."} | {"source": "...", "destination": "..."} (copy) | {},
+    {"v": 1, "id": "<request id>", "op": "ping|list|pull|delete|job|cancel|health|copy|loaded|load|unload",
+     "args": {"model": "..."} | {"job_id": "..."} | {"source": "...", "destination": "..."} (copy)
+              | {"model": "...", "keep_alive": <seconds, -1 or null>} (load) | {},
      "host": "<host id>",
      "created_at": <epoch s>, "deadline": <epoch s>, "sender": "<hostname>:<pid>"}
 
@@ -51,7 +52,7 @@ from .. import errors
 from .paths import new_request_id
 
 PROTOCOL_VERSION = 1
-OPS = ("ping", "list", "pull", "delete", "job", "cancel", "health", "copy")
+OPS = ("ping", "list", "pull", "delete", "job", "cancel", "health", "copy", "loaded", "load", "unload")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_DEADLINE_AHEAD = 3600.0  # seconds: a command whose deadline is further ahead is refused (1e300, +1 year)
