@@ -51,9 +51,14 @@ class HttpChannel:
         method, path = {"list": ("GET", "/api/models"), "pull": ("POST", f"/api/models/{model}"),
                         "delete": ("DELETE", f"/api/models/{model}"), "job": ("GET", f"/api/jobs/{job_id}"),
                         "cancel": ("DELETE", f"/api/jobs/{job_id}"), "health": ("GET", "/api/health"),
-                        "copy": ("POST", "/api/copy")}[op]
+                        "copy": ("POST", "/api/copy"), "loaded": ("GET", "/api/models/loaded"),
+                        "load": ("POST", f"/api/models/{model}/load"),
+                        "unload": ("POST", f"/api/models/{model}/unload")}[op]
         if op == "copy":  # the one operation with a JSON body
             response = self.client.post("/api/copy", headers=auth, json=args)
+        elif op == "load":  # keep_alive travels in the body
+            body = {"keep_alive": args["keep_alive"]} if "keep_alive" in args else None
+            response = self.client.post(path, headers=auth, json=body)
         else:
             response = self.client.open(path, method=method, headers=auth)
         body = response.get_json()
@@ -124,6 +129,15 @@ ROWS = [
      False, "model_not_found"),
     ("copy to a name the grammar refuses", "copy", {"source": "llama3.2:latest", "destination": "x:"},
      False, "invalid_model_name"),
+    ("load of a model that is not installed", "load", {"model": "tinyllama:latest"}, False, "model_not_found"),
+    ("load of a name the grammar refuses", "load", {"model": "llama3:"}, False, "invalid_model_name"),
+    ("load with a keep_alive without unit", "load", {"model": "llama3.2:latest", "keep_alive": "10"},
+     False, "invalid_request"),
+    ("load with a zero keep_alive", "load", {"model": "llama3.2:latest", "keep_alive": "0s"}, False, "invalid_request"),
+    ("load with a keep_alive over a year", "load", {"model": "llama3.2:latest", "keep_alive": "9000h"},
+     False, "invalid_request"),
+    ("unload of a model that is not installed", "unload", {"model": "tinyllama:latest"}, False, "model_not_found"),
+    ("unload of a name the grammar refuses", "unload", {"model": "llama3:"}, False, "invalid_model_name"),
 ]
 
 
@@ -202,3 +216,51 @@ def test_health_reports_the_same_fields_and_status_rule(channels):
         # One rule for both: ok only when Ollama answers and a GPU is available.
         assert body["status"] == ("ok" if body["gpu"]["available"] else "degraded")
     assert http["gpu"]["available"] == nfs["gpu"]["available"]
+
+
+def _loaded(channel) -> dict[str, dict]:
+    outcome = channel.call("loaded")
+    assert outcome.ok, outcome.result
+    return {m["name"]: m for m in outcome.result["models"]}
+
+
+def _finished(channel, job_id: str) -> dict:
+    def done():
+        outcome = channel.call("job", job_id=job_id)
+        assert outcome.ok, outcome.result
+        return outcome.result if outcome.result["state"] not in ("queued", "running") else None
+
+    return wait_until(done, 30, what=f"{channel.name} job {job_id} finished")
+
+
+def test_load_then_unload_is_the_same_on_both_channels(channels):
+    started = both(channels, "load", model="qwen2.5:0.5b", keep_alive="forever")
+    assert_same(started, True, None)
+    for name, channel in channels.items():
+        job = started[name].result
+        assert (job["kind"], job["model"], job["keep_alive"]) == ("load", "qwen2.5:0.5b", -1), (name, job)
+        done = _finished(channel, job["id"])
+        assert (done["state"], done["status"]) == ("succeeded", "loaded"), (name, done)
+        entry = _loaded(channel)["qwen2.5:0.5b"]
+        assert set(entry) == {"name", "model", "digest", "size", "size_vram", "cpu_spill", "context_length",
+                              "expires_at"}, name
+        assert entry["cpu_spill"] is False and entry["size_vram"] == entry["size"] > 0, (name, entry)
+        assert entry["expires_at"].startswith("23"), (name, entry)  # forever: about 292 years ahead
+    unloaded = both(channels, "unload", model="qwen2.5:0.5b")
+    assert_same(unloaded, True, None)
+    assert [o.result for o in unloaded.values()] == [{"unloaded": "qwen2.5:0.5b"}] * 2
+    for name, channel in channels.items():
+        assert "qwen2.5:0.5b" not in _loaded(channel), name
+    # Unloading what is not loaded is no error, on both.
+    assert_same(both(channels, "unload", model="qwen2.5:0.5b"), True, None)
+
+
+def test_load_of_an_embedding_only_model_fails_its_job_the_same_way(channels, emulators):
+    for proc in emulators.values():
+        emulator_control(proc, "config", {"installed": ["llama3.2:latest", "nomic-embed-text:latest"]})
+    started = both(channels, "load", model="nomic-embed-text")
+    assert_same(started, True, None)
+    for name, channel in channels.items():
+        done = _finished(channel, started[name].result["id"])
+        assert (done["state"], done["error_code"]) == ("failed", "invalid_request"), (name, done)
+        assert "embedding-only" in done["error"], (name, done)
