@@ -7,6 +7,8 @@ from typing import Any
 
 from .. import __version__
 from ..config import DEFAULT_ALLOWED_REGISTRIES
+from ..keep_alive import MAX_SECONDS
+from ..keep_alive import PATTERN as KEEP_ALIVE_PATTERN
 from ..names import MAX_NAME_LENGTH, name_pattern
 from ..request_guard import REQUEST_ID_PATTERN
 
@@ -45,7 +47,7 @@ def openapi_document(hosts: list[str] | None = None,
         "properties": {
             "ok": {"type": "boolean"},
             "job": {"$ref": "#/components/schemas/Job"},
-            "deleted": {"type": "string"},
+            "deleted": {"type": "string"}, "unloaded": {"type": "string"},
             "error": {"type": "string"}, "code": {"type": "string"}, "status": {"type": "integer"},
         },
         "required": ["ok"],
@@ -69,6 +71,24 @@ def openapi_document(hosts: list[str] | None = None,
                                                                       "(the backend polls the jobs; "
                                                                       "GPU_BRIDGE_PULL_TIMEOUT without progress)"}}}
     per_host = {"type": "object", "additionalProperties": host_result}
+    load_body = {**model_body, "properties": {
+        **model_body["properties"],
+        "keep_alive": {"description": "how long the model stays loaded after its last use: a duration (30s, 5m, "
+                                      "1h30m), seconds, or forever / -1; at most a year unless forever; absent: "
+                                      "Ollama's default",
+                       "oneOf": [{"type": "string", "pattern": KEEP_ALIVE_PATTERN, "example": "1h"},
+                                 {"type": "number", "enum": [-1]},
+                                 {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_SECONDS}]},
+        "wait": {"type": "boolean", "default": True,
+                 "description": "answer when the load ends on every host (false: 202 with each host's job)"}}}
+    loaded_entry = {"type": "object", "properties": {
+        "host": {"type": "string"}, "name": {"type": "string"}, "model": {"type": "string"},
+        "digest": {"type": "string"}, "size": {"type": "integer"},
+        "size_vram": {"type": "integer", "description": "of size, the bytes in GPU memory"},
+        "cpu_spill": {"type": "boolean", "description": "size_vram < size: part runs from system memory (slow)"},
+        "context_length": {"type": "integer", "nullable": True},
+        "expires_at": {"type": "string", "description": "as Ollama gives it; about 292 years ahead: forever"},
+        "stale": {"type": "boolean", "description": "from the host's last answer: it did not answer now"}}}
     copy_body = {"type": "object", "required": ["source", "destination"],
                  "properties": {"source": model_field(None), "destination": model_field(None),
                                 "hosts": model_body["properties"]["hosts"]}}
@@ -170,6 +190,49 @@ def openapi_document(hosts: list[str] | None = None,
                         "deleted on at least one host"),
                     "400": _err("bad request"), "401": _err("admin token missing or wrong"),
                     "404": _err("the model is on no selected host (code model_not_found)"),
+                    "502": _err(failed), "503": _err(failed), "504": _err(failed),
+                }}},
+            "/config/loaded": {"get": {
+                "summary": "What every GPU host holds in memory; a host that does not answer: its last answer, stale",
+                "responses": {
+                    "200": _json({"type": "object", "required": ["models", "hosts", "source", "stale", "fetched_at"],
+                                  "properties": {
+                                      "models": {"type": "array", "items": loaded_entry},
+                                      "hosts": {"type": "object", "additionalProperties": {"type": "object"}},
+                                      "source": {"type": "string", "enum": ["gpu", "cache"]},
+                                      "stale": {"type": "boolean"}, "fetched_at": {"type": "string"}}},
+                                 "loaded models, one entry per host and model"),
+                    "502": _err("no host answered (e.g. token rejected) and none answered before"),
+                    "503": _err("no host answered and none answered before; 'hosts' says why per host"),
+                    "504": _err("every host timed out and none answered before"),
+                }}},
+            "/config/load-model": {"post": {
+                "summary": "Load an installed model into GPU memory on every (or the chosen) GPU host",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": load_body}}},
+                "responses": {
+                    "200": _json({"type": "object", "properties": {
+                        "model": {"type": "string"}, "keep_alive": {"type": "number", "nullable": True},
+                        "results": per_host, "partial": {"type": "boolean"}}}, "loaded on at least one host"),
+                    "202": _json({"type": "object"}, "wait: false: the load jobs started on at least one host"),
+                    "400": _err("bad JSON, missing 'model', invalid model name or keep_alive, unknown host; every "
+                                "host refused an embedding-only model"),
+                    "401": _err("admin token missing or wrong"),
+                    "404": _err("the model is installed on no selected host (code model_not_found)"),
+                    "409": _err("every host's load was cancelled"),
+                    "413": _err("body larger than GPU_BRIDGE_MAX_BODY_BYTES"),
+                    "429": _err("every host refused to queue the load (queue_full or rate_limited)"),
+                    "502": _err(failed), "503": _err(failed), "504": _err(failed),
+                }}},
+            "/config/unload-model": {"post": {
+                "summary": "Unload a model from GPU memory on every (or the chosen) GPU host",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": model_body}}},
+                "responses": {
+                    "200": _json({"type": "object", "properties": {
+                        "model": {"type": "string"}, "results": per_host, "partial": {"type": "boolean"}}},
+                        "not in memory on at least one host any more (not loaded there is no error)"),
+                    "400": _err("bad request"), "401": _err("admin token missing or wrong"),
+                    "404": _err("the model is installed on no selected host (code model_not_found)"),
+                    "429": _err("every host refused (rate_limited)"),
                     "502": _err(failed), "503": _err(failed), "504": _err(failed),
                 }}},
             "/config/drift": {"get": {

@@ -18,6 +18,7 @@ from ..client.fleet import merge_models, summarize, utc_now_iso
 from .as_code import copy_model, drift_report, plan_report, start_drift_monitor
 from .db import DatabaseUnavailable, iso
 from .inputs import bool_query, hosts_field, json_body, limit_query, model_field
+from .loaded import load_model, loaded, unload_model
 from .openapi import openapi_document
 from .outcomes import JsonDict, all_failed, audit, brief, db_failed, host_error, outcome
 from .pulls import cancel_pull, list_pulls, listing_changed, pull_model, pull_status
@@ -33,6 +34,10 @@ bp.add_url_rule("/config/drift", view_func=drift_report, methods=["GET"])
 bp.add_url_rule("/config/plan", view_func=plan_report, methods=["GET"])
 bp.add_url_rule("/config/copy-model", view_func=copy_model, methods=["POST"])
 bp.record_once(start_drift_monitor)
+# What is in GPU memory (loaded.py): the fleet's loaded models, load, unload.
+bp.add_url_rule("/config/loaded", view_func=loaded, methods=["GET"])
+bp.add_url_rule("/config/load-model", view_func=load_model, methods=["POST"])
+bp.add_url_rule("/config/unload-model", view_func=unload_model, methods=["POST"])
 
 
 # --- models -----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``gpu-bridge models list|pull|delete``: through a backend (every GPU host it knows, or ``--host``) or
+"""``gpu-bridge models list|pull|delete`` (and ``drift|plan|apply|rollback``, models_plan.py): through a backend (every GPU host it knows, or ``--host``) or
 straight at one GPU server (``--url http://gpu-01:8001``).
 
 A pull is followed until it ends: a live progress bar on a terminal, plain progress lines otherwise,
@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from .. import names
 from ..errors import GpuBridgeError, GpuHostError
+from . import models_loaded, models_plan
 from .options import client_options
 from .output import Progress, host_message, human_bytes, table, utc_time, warn
 
@@ -31,7 +32,8 @@ ABSENT = ("model_not_found",)  # a delete's per-host code for "was not there": n
 
 
 def register(sub: SubParsers) -> None:
-    p = sub.add_parser("models", help="list, pull or delete models")
+    p = sub.add_parser("models", help="list, pull or delete models; drift, plan, apply, rollback (models as code); "
+                                         "ps, load, unload (GPU memory)")
     msub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     m = msub.add_parser("list", help="list installed models")
     client_options(m)
@@ -44,6 +46,9 @@ def register(sub: SubParsers) -> None:
     m.add_argument("name")
     m.add_argument("--host", action="append", dest="hosts", help="only this GPU host (repeatable; backend only)")
     client_options(m)
+    # drift, plan, apply, rollback (models as code): their own handlers and exit codes
+    models_plan.register(msub)
+    models_loaded.register(msub)  # ps, load, unload: GPU memory
     p.set_defaults(handler=run)
 
 

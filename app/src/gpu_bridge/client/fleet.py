@@ -74,7 +74,7 @@ def utc_now_iso() -> str:
 
 
 # Calls that only read: one in flight per host at a time (see the module docstring).
-SINGLE_FLIGHT = frozenset({"list_models", "health"})
+SINGLE_FLIGHT = frozenset({"list_models", "health", "loaded_models"})
 MAX_POOL_THREADS = 64
 
 
