@@ -1,6 +1,7 @@
 """monitoring/: every metric the alerting rules, their promtool fixtures and the Grafana dashboard name
 is one the code exports; every alert has a promtool test that fires it and one that does not; the
-dashboard's queries are valid PromQL (promtool parses them).
+dashboard's queries are valid PromQL (promtool parses them); the prod_backend role installs the
+tested rules file where it is told, and refuses a directory that does not exist.
 
 What the code exports is read from the registries of a real GPU server app (in front of the Ollama
 emulator) and a real backend app after scripted events (requests, a listing with a host down, an NFS
@@ -11,9 +12,11 @@ family only when it has something to say (the model drift) is added from its def
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,3 +238,39 @@ def test_the_dashboard_queries_are_valid_promql(tmp_path):
     path.write_text(yaml.safe_dump(rules))
     done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- the role installs the rules ---------------------------------------------------------------------------
+def _install_rules(tmp_path: Path, rules_dir: str) -> subprocess.CompletedProcess:
+    """prod_backend's monitoring tasks on this machine (local connection, this venv's Python)."""
+    playbook = tmp_path / "rules.yml"
+    playbook.write_text(yaml.safe_dump([{"name": "Rules", "hosts": "localhost", "gather_facts": False, "tasks": [
+        {"name": "Monitoring tasks", "ansible.builtin.include_role": {"name": "prod_backend",
+                                                                      "tasks_from": "monitoring"}}]}]))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
+           "ANSIBLE_NOCOLOR": "1"}
+    return subprocess.run([str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,", "-c", "local",
+                           str(playbook), "-e", f"ansible_python_interpreter={sys.executable}",
+                           "-e", f"prod_backend_prometheus_rules_dir={rules_dir}"],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rules file is installed root-owned")
+def test_the_role_installs_the_tested_rules_idempotently(tmp_path):
+    rules_dir = tmp_path / "rules.d"
+    rules_dir.mkdir()
+    first = _install_rules(tmp_path, str(rules_dir))
+    assert first.returncode == 0 and "changed=1" in first.stdout, first.stdout + first.stderr
+    installed = rules_dir / "gpu-bridge.rules.yml"
+    assert installed.read_bytes() == (MONITORING / "alerts.yml").read_bytes()
+    assert installed.stat().st_mode & 0o777 == 0o644
+    again = _install_rules(tmp_path, str(rules_dir))
+    assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout + again.stderr
+
+
+def test_the_role_refuses_a_rules_directory_that_does_not_exist_and_skips_an_empty_one(tmp_path):
+    missing = _install_rules(tmp_path, str(tmp_path / "no-such-dir"))
+    assert missing.returncode != 0
+    assert "is not an existing directory" in missing.stdout, missing.stdout
+    nothing = _install_rules(tmp_path, "")
+    assert nothing.returncode == 0 and "changed=0" in nothing.stdout and "skipped=" in nothing.stdout, nothing.stdout
