@@ -102,6 +102,19 @@ class PlayRun:
         return [sorted(host for task in play["tasks"] if task["task"]["name"] == MODULE_TASK
                        for host in task["hosts"]) for play in self.plays]
 
+    def batch_times(self) -> list[tuple[str, str]]:
+        """(start, end) of each serial batch, ISO 8601 UTC (they compare as strings)."""
+        return [(play["play"]["duration"]["start"], play["play"]["duration"]["end"]) for play in self.plays]
+
+    def failure(self, host: str) -> str:
+        """The message of the task that failed on ``host`` (the argument-spec check or the module)."""
+        for play in self.plays:
+            for task in play["tasks"]:
+                result = task["hosts"].get(host, {})
+                if result.get("failed"):
+                    return result["msg"]
+        raise AssertionError(f"nothing failed on {host}:\n{self.output[-3000:]}")
+
     def changed(self, host: str) -> int:
         assert self.data is not None
         return self.data["stats"][host]["changed"]
@@ -132,20 +145,30 @@ def run_models(tmp_path: Path, hosts: list[GpuHost], models: list | None, *, che
         "vars": group_vars}}}}
     inventory_file = tmp_path / "inventory.yml"
     inventory_file.write_text(json.dumps(inventory))  # JSON is YAML
-    argv = [str(Path(VENV_PYTHON).parent / "ansible-playbook"), "-i", str(inventory_file), str(PLAYBOOK)]
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+           "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-local"),
+           "ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote")}
+    return run_playbook(str(inventory_file), env, check=check, diff=diff, extra=extra, text=text)
+
+
+def run_playbook(inventory: str, env: dict[str, str], *, check: bool = False, diff: bool = False,
+                 extra: dict | None = None, text: bool = False, timeout: float = 100) -> PlayRun:
+    """playbooks/models.yml with ``inventory``: parsed from the JSON callback, or as text (--diff's
+    output). Also used by the molecule default scenario against its containers."""
+    argv = [str(Path(VENV_PYTHON).parent / "ansible-playbook"), "-i", inventory, str(PLAYBOOK)]
     if check:
         argv.append("--check")
     if diff:
         argv.append("--diff")
     if extra:
         argv += ["-e", json.dumps(extra)]
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-local"),
-           "ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote")}
+    env = {**env, "ANSIBLE_NOCOLOR": "1"}
     env.pop("ANSIBLE_FORCE_COLOR", None)
     if not text:
-        env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.posix.json"
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=100, check=False)
+        # Only the JSON on stdout: this list replaces the configured one (molecule enables
+        # profile_tasks, which would print its timings into the document); an empty list is refused.
+        env.update(ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json")
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     output = done.stdout + done.stderr
     data = None
     if not text:

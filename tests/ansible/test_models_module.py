@@ -46,16 +46,6 @@ def both(fleet) -> list[GpuHost]:
     return fleet
 
 
-def failure(run, host: str) -> str:
-    """The message of the task that failed on ``host`` (the argument-spec check or the module)."""
-    for play in run.plays:
-        for task in play["tasks"]:
-            result = task["hosts"].get(host, {})
-            if result.get("failed"):
-                return result["msg"]
-    raise AssertionError(f"nothing failed on {host}:\n{run.output[-3000:]}")
-
-
 # --- plan, apply, idempotence -------------------------------------------------------------------
 def test_check_mode_shows_the_exact_plan_and_changes_nothing(gpu, tmp_path):
     before = gpu.installed()
@@ -135,7 +125,7 @@ def test_a_bad_declaration_fails_with_one_message_naming_the_entry(gpu, tmp_path
     before = gpu.installed()
     run = run_models(tmp_path, [gpu], models)
     assert run.rc != 0 and run.failures("gpu-a") == 1
-    message = failure(run, "gpu-a")
+    message = run.failure("gpu-a")
     print(f"refused: {message}")
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
@@ -154,7 +144,7 @@ def test_an_unusable_host_fails_with_one_clear_message(gpu, tmp_path, host_vars,
     host_vars = {k: v.format(port=free_port(), wrong=wrong) for k, v in host_vars.items()}
     run = run_models(tmp_path, [gpu], DECLARED, host_vars={"gpu-a": host_vars})
     assert run.rc != 0
-    message = failure(run, "gpu-a")
+    message = run.failure("gpu-a")
     assert message.startswith("gpu-a: ") and fragment in message, message
     assert "\n" not in message and "Traceback" not in run.output
     assert "not-the-token" not in run.output
@@ -214,13 +204,13 @@ def test_rollback_without_a_snapshot_fails_before_anything_runs(gpu, tmp_path):
     for check in (True, False):
         run = run_models(tmp_path, [gpu], DECLARED, check=check, extra={"gpu_models_rollback": ["llama3.2"]})
         assert run.rc != 0
-        assert "no snapshot of llama3.2:latest (llama3.2:latest-gpubridge-prev)" in failure(run, "gpu-a")
+        assert "no snapshot of llama3.2:latest (llama3.2:latest-gpubridge-prev)" in run.failure("gpu-a")
     assert gpu.installed() == before and gpu.stats()["copies"] == 0
 
 
 def test_update_and_rollback_together_are_refused(gpu, tmp_path):
     run = run_models(tmp_path, [gpu], DECLARED, extra={"gpu_models_update": True, "gpu_models_rollback": ["llama3.2"]})
-    assert run.rc != 0 and "cannot be used in the same run" in failure(run, "gpu-a")
+    assert run.rc != 0 and "cannot be used in the same run" in run.failure("gpu-a")
     assert gpu.stats()["pull_requests"] == 0
 
 
@@ -274,6 +264,8 @@ def test_an_update_runs_on_the_canary_first_then_on_the_others(both, tmp_path):
     run = run_models(tmp_path, both, declared, extra={"gpu_models_update": True})
     assert run.rc == 0, run.output[-3000:]
     assert run.batches() == [["gpu-a"], ["gpu-b"]]
+    (_, canary_done), (others_start, _) = run.batch_times()
+    assert canary_done <= others_start, "the other hosts start once the canary batch is done"
     for host in both:
         assert host.installed()["llama3.2:latest"] == new[host.name]
 
@@ -283,7 +275,7 @@ def test_a_failing_canary_stops_the_run_before_the_other_hosts(both, tmp_path):
     canary.config(fail_after_bytes=0)
     run = run_models(tmp_path, both, [{"name": "tinyllama"}])
     assert run.rc != 0 and run.failures("gpu-a") == 1
-    message = failure(run, "gpu-a")
+    message = run.failure("gpu-a")
     print(f"canary failed: {message}")
     assert message.startswith("gpu-a: ") and "tinyllama" in message and "after 0 of 1 planned actions" in message
     assert not run.ran_on("gpu-b")
