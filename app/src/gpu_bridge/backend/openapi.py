@@ -292,7 +292,7 @@ def openapi_document(hosts: list[str] | None = None,
                         "error": {"type": "string"}, "code": {"type": "string"}}}},
                 }}, "health")}}},
             "/metrics": {"get": {
-                "summary": "Prometheus metrics (the admin token beyond loopback, unless GPU_BRIDGE_METRICS_PUBLIC=true)",
+                "summary": "Prometheus metrics (admin token beyond loopback unless GPU_BRIDGE_METRICS_PUBLIC=true)",
                 "responses": {"200": {"description": "Prometheus text format",
                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
                               "401": _err("the admin token is required")}}},
