@@ -82,7 +82,10 @@ class DriftMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.path:
-            self._declared()  # a bad file is logged at start, once
+            try:
+                self._declared()
+            except InvalidDeclaredState:
+                pass  # logged once by _declared; the backend serves the rest, /config/drift answers 503
 
     # --- the declaration -------------------------------------------------------------------------
     def _declared(self) -> DeclaredState:

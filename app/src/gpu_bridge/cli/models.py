@@ -1,5 +1,5 @@
-"""``gpu-bridge models list|pull|delete`` (and ``drift|plan|apply|rollback``, models_plan.py): through a backend (every GPU host it knows, or ``--host``) or
-straight at one GPU server (``--url http://gpu-01:8001``).
+"""``gpu-bridge models list|pull|delete`` (``drift|plan|apply|rollback``: models_plan.py): through a backend
+(every GPU host it knows, or ``--host``) or straight at one GPU server (``--url http://gpu-01:8001``).
 
 A pull is followed until it ends: a live progress bar on a terminal, plain progress lines otherwise,
 bounded by progress (no change for ``NO_PROGRESS_LIMIT``), not by a total deadline, since a large model
