@@ -250,3 +250,18 @@ def test_rollback_without_a_snapshot_and_commands_aimed_at_a_gpu_server(gpu_side
         gpu = gpu_side.servers[gpu_side.names[0]]
         r = run_cli("models", "plan", "--url", gpu.url, env={"GPU_BRIDGE_API_TOKEN": "x" * 32})
         assert r.returncode == 2 and "work through a backend" in r.stderr, r.stderr
+
+
+def test_a_model_declared_loaded_is_drift_until_apply_loads_it(gpu_side, fleet):
+    """Residency comes from the GPU servers' loaded-models listing: a fresh emulator has only its
+    newest model (the hf.co one) in memory, so llama3.2 declared loaded is not_loaded on both."""
+    a, b = gpu_side.labels
+    backend = fleet(both(gpu_side, [{"name": "llama3.2:latest", "loaded": True, "keep_alive": "1h"}]))
+    report = drift_of(backend)
+    assert kinds(report) == {(a, "llama3.2:latest", "not_loaded"), (b, "llama3.2:latest", "not_loaded")}
+    assert all(h["residency_known"] for h in report["hosts"].values())
+    r = cli(backend, "models", "plan")
+    assert r.returncode == 1 and "  > load   llama3.2:latest  (declared loaded; keep_alive 1h)" in r.stdout, r.stdout
+    r = cli(backend, "models", "apply", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert drift_of(backend)["in_sync"] is True
