@@ -70,10 +70,5 @@ class ListingMemo:
     def clear(self) -> None:
         self._entry = None
 
-    def age(self) -> float | None:
-        """Seconds since the memo was stored; None when there is none."""
-        entry = self._entry
-        return None if entry is None else time.monotonic() - entry.stored
-
 
 __all__ = ["ListingMemo"]
