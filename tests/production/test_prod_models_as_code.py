@@ -179,7 +179,7 @@ def test_apply_converges_the_next_plan_is_empty_and_prune_off_deletes_nothing(gp
 
     r = cli(backend, "models", "apply", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "Applied: 2 changed, 0 already as declared, on 2 host(s)." in r.stdout, r.stdout
+    assert "Applied: 2 changed, 0 already as declared, on 2 host(s); drift now: none." in r.stdout, r.stdout
     assert all(digests(gpu_side, "tinyllama:latest").values())
     r = cli(backend, "models", "plan")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -216,7 +216,8 @@ def test_update_rolls_out_canary_first_and_rollback_needs_no_download(gpu_side, 
     pulls_before = [emulator_control(emu, "stats")["pulls"] for emu in gpu_side.emulators]
     r = cli(backend, "models", "rollback", "llama3.2", "--host", a, "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout == f"{a}: rolled back to {old[a][:12]} from {snapshot}\n"
+    assert r.stdout.splitlines() == [f"{a}: rolled back to {old[a][:12]} from {snapshot}",
+                                     "drift now: 2 item(s) (`gpu-bridge models drift`)."]
     assert digests(gpu_side, "llama3.2:latest") == {a: old[a], b: new[b]}
     assert [emulator_control(emu, "stats")["pulls"] for emu in gpu_side.emulators] == pulls_before
     # One host of the group on another build now: drift says so until the next update.

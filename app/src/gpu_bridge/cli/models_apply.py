@@ -105,8 +105,8 @@ def _apply(ctx: Context) -> int:
                 print(f"{host}:   {outcome.detail}" + (f" (digest {outcome.digest_after[:12]})"
                                                         if outcome.digest_after else ""), file=ctx.out)
     changed = sum(1 for o in done if o.changed)
-    print(f"Applied: {changed} changed, {len(done) - changed} already as declared, on {len(hosts)} host(s).",
-          file=ctx.out)
+    print(f"Applied: {changed} changed, {len(done) - changed} already as declared, on {len(hosts)} host(s); "
+          f"{after(ctx)}.", file=ctx.out)
     if down:
         return fail("not applied on " + "; ".join(f"{d['host']}: unreachable ({d['detail']})" for d in down))
     return DONE
@@ -147,7 +147,21 @@ def _rollback(ctx: Context) -> int:
             print(f"{host}: {outcome.detail}", file=ctx.out)
     if ctx.json:
         ctx.dump({"model": name, "snapshot": snapshot, "results": outcomes})
+    else:
+        print(f"{after(ctx)}.", file=ctx.out)
     return DONE
+
+
+def after(ctx: Context) -> str:
+    """Have the backend observe the fleet again, so its drift report and metric show the change at
+    once (not at its next scheduled check), and say what it sees."""
+    try:
+        data = report(ctx, "/config/drift?refresh=true")
+    except GpuBridgeError as exc:
+        return f"drift not checked: {exc.message}"
+    drift = data.get("drift") or []
+    return "drift now: none" if not drift else \
+        f"drift now: {len(drift)} item(s) (`gpu-bridge models drift`)"
 
 
 def _label(wanted: str, known: list[str]) -> str:
