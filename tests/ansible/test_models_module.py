@@ -111,16 +111,21 @@ def test_nothing_declared_changes_nothing(gpu, tmp_path):
 
 # --- bad declarations ---------------------------------------------------------------------------
 @pytest.mark.parametrize(("models", "fragments"), [
-    ([{"name": "llama3.2"}, {"name": "Bad Name!"}], ["gpu_bridge_models[1] of gpu-a", "Bad Name!"]),
-    ([{"name": "llama3.2"}, {"name": "tinyllama", "lodaed": True}], ["gpu_bridge_models", "lodaed"]),
+    ([{"name": "llama3.2"}, {"name": "Bad Name!"}], ["gpu_bridge_models[1] of gpu-a: invalid model name 'Bad Name!'"]),
+    ([{"name": "llama3.2"}, {"name": "tinyllama", "lodaed": True}],
+     ["gpu_bridge_models[1] of gpu-a: unknown key(s) 'lodaed'; allowed: keep_alive, loaded, name, state"]),
     ([{"name": "llama3.2"}, {"name": "llama3.2:latest"}],
-     ["gpu_bridge_models[1] of gpu-a", "'llama3.2:latest' is declared twice (first as 'llama3.2')"]),
-    ([{"name": SNAPSHOT}], ["gpu_bridge_models[0] of gpu-a", "snapshot"]),
-    ([{"name": "llama3.2", "state": "gone"}], ["gpu_bridge_models", "state", "gone"]),
+     ["gpu_bridge_models[1] of gpu-a: 'llama3.2:latest' is declared twice (first as 'llama3.2')"]),
+    ([{"name": SNAPSHOT}], ["gpu_bridge_models[0] of gpu-a: 'llama3.2:latest-gpubridge-prev' is a snapshot name"]),
+    ([{"name": "llama3.2", "state": "gone"}], ["gpu_bridge_models[0] of gpu-a: state must be 'present' or 'absent'"]),
     ([{"name": "qwen2.5:0.5b", "state": "absent", "loaded": True}],
-     ["gpu_bridge_models[0] of gpu-a", "declared absent cannot be loaded"]),
-    ([{"state": "present"}], ["gpu_bridge_models", "name"]),
-], ids=["bad-name", "unknown-key", "duplicate", "snapshot-name", "bad-state", "absent-and-loaded", "no-name"])
+     ["gpu_bridge_models[0] of gpu-a: a model declared absent cannot be loaded"]),
+    ([{"state": "present"}], ["gpu_bridge_models[0] of gpu-a: model name is required"]),
+    ([{"name": "llama3.2", "loaded": "yes"}], ["gpu_bridge_models[0] of gpu-a: loaded must be true or false"]),
+    ([{"name": "llama3.2", "keep_alive": [1]}], ["gpu_bridge_models[0] of gpu-a: keep_alive must be a duration"]),
+    ({"name": "llama3.2"}, ["gpu_bridge_models", "list"]),  # Ansible's argument spec: not a list
+], ids=["bad-name", "unknown-key", "duplicate", "snapshot-name", "bad-state", "absent-and-loaded", "no-name",
+        "loaded-not-bool", "bad-keep-alive", "not-a-list"])
 def test_a_bad_declaration_fails_with_one_message_naming_the_entry(gpu, tmp_path, models, fragments):
     before = gpu.installed()
     run = run_models(tmp_path, [gpu], models)
@@ -129,6 +134,8 @@ def test_a_bad_declaration_fails_with_one_message_naming_the_entry(gpu, tmp_path
     print(f"refused: {message}")
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+    if isinstance(models, list):  # the module's own check: one line
+        assert "\n" not in message
     assert "Traceback" not in run.output
     assert gpu.stats()["pull_requests"] == 0 and gpu.installed() == before
 
