@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -234,3 +235,19 @@ def test_without_a_token_metrics_beyond_loopback_are_refused_with_a_hint(made):
     client, _, _ = made
     r = client.get("/metrics", environ_base=BEYOND)
     assert r.status_code == 401 and "GPU_BRIDGE_BACKEND_TOKEN_FILE" in r.get_json()["error"]
+
+
+def test_a_real_nfs_transport_reports_its_workers_heartbeat(env, tmp_path):
+    app = create_app({**env, "GPU_INSTANCE_HOSTS": "gpu-1", "GPU_BRIDGE_TRANSPORT": "nfs",
+                      "GPU_BRIDGE_NFS_ROOT": str(tmp_path / "share"), "GPU_BRIDGE_NFS_REQUIRE_MOUNT": "false"})
+    client = app.test_client()
+    label = "gpu-1:8001"
+    m = scrape(client)  # no worker ever ran: no heartbeat file
+    assert value(m, "gpu_bridge_nfs_worker_up", host=label) == 0
+    assert math.isinf(value(m, "gpu_bridge_nfs_heartbeat_age_seconds", host=label))
+    heartbeat = Path(app.extensions[EXTENSION].fleet.slots[label].transport.paths.heartbeat)
+    heartbeat.parent.mkdir(parents=True)
+    heartbeat.write_text(json.dumps({"counter": 1, "boot": "b1", "interval": 2, "state": "running"}))
+    m = scrape(client)  # a fresh file (its mtime says so until the counter is seen to move)
+    assert value(m, "gpu_bridge_nfs_worker_up", host=label) == 1
+    assert 0 <= value(m, "gpu_bridge_nfs_heartbeat_age_seconds", host=label) < 10
