@@ -170,3 +170,20 @@ def test_metrics_follow_loads_spill_and_unloads(client, ollama):
     assert load(client, QWEN).status_code == 200
     wait_until(lambda: series(client, "gpu_bridge_model_cpu_spill") == {QWEN: 1.0}, 5, 0.1, what="spill metric")
     assert series(client, "gpu_bridge_model_vram_bytes") == {QWEN: 300_000_000.0}
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("DELETE", f"/api/models/{QWEN}/load", "POST, OPTIONS"),  # not a delete of a model named "qwen2.5:0.5b/load"
+    ("GET", f"/api/models/{QWEN}/unload", "POST, OPTIONS"),
+    ("POST", "/api/models/loaded", "GET, HEAD, OPTIONS"),  # a model named "loaded" is pulled as loaded:latest
+])
+def test_the_loaded_routes_refuse_other_methods_and_advertise_their_own(client, ollama, method, path, allow):
+    r = client.open(path, method=method, headers=AUTH)
+    assert (r.status_code, r.json["code"], r.headers["Allow"]) == (405, "method_not_allowed", allow)
+    assert client.options(path, headers=AUTH).headers["Allow"] == allow
+    assert emulator_control(ollama, "stats")["pulls"] == 0
+
+
+def test_a_null_keep_alive_is_refused_rather_than_taken_for_the_default(client):
+    r = load(client, QWEN, {"keep_alive": None})
+    assert (r.status_code, r.json["code"]) == (400, "invalid_request") and "leave it out" in r.json["error"]

@@ -25,6 +25,7 @@ from flask.typing import ResponseReturnValue
 
 from .. import keep_alive
 from ..client.fleet import error_summary, summarize, utc_now_iso
+from ..errors import InvalidRequest
 from ..ollama import parse_timestamp
 from .db import iso
 from .inputs import bool_field, hosts_field, json_body, model_field
@@ -102,6 +103,8 @@ def load_model() -> ResponseReturnValue:
     require_admin(st)
     body = json_body()
     model = model_field(body)  # a load fetches nothing: the grammar, not the allow-list
+    if "keep_alive" in body and body["keep_alive"] is None:  # as the document types it: absent, never null
+        raise InvalidRequest("keep_alive is null: leave it out for Ollama's default")
     seconds = keep_alive.parse(body.get("keep_alive"))
     labels = hosts_field(body) or st.fleet.labels
     wait = bool_field(body, "wait", default=True)

@@ -151,12 +151,34 @@ def copy_model() -> ResponseReturnValue:
 # GET /api/models/loaded cannot be mistaken for a model: no GET route takes a name. The POST routes'
 # names always carry a tag when our clients send them (llama3.2:latest/load), so a pull of a model
 # named .../load is still reachable as .../load:latest.
-@api.get("/api/models/loaded")
+def _exact_methods(rule: str, allow: str) -> None:
+    """OPTIONS and every other method answered with exactly this route's methods (200, else 405).
+    /api/models/<path:name> (pull, delete) matches these URLs too: without this, a DELETE of
+    .../load would delete a model named "<name>/load", and Werkzeug's Allow would list the pull's
+    POST and DELETE where they mean something else."""
+    own = {m.strip() for m in allow.split(",")}
+    others = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS") if m == "OPTIONS" or m not in own]
+
+    def answer(**_: str) -> ResponseReturnValue:
+        if request.method == "OPTIONS":
+            return Response(status=200, headers={"Allow": allow})
+        return jsonify({"error": f"{request.method} is not allowed here: use {allow}", "code": "method_not_allowed"}), \
+            405, {"Allow": allow}
+
+    api.add_url_rule(rule, f"methods{rule.replace('/', '_')}", answer, methods=others, provide_automatic_options=False)
+
+
+_exact_methods("/api/models/loaded", "GET, HEAD, OPTIONS")
+_exact_methods("/api/models/<path:name>/load", "POST, OPTIONS")
+_exact_methods("/api/models/<path:name>/unload", "POST, OPTIONS")
+
+
+@api.get("/api/models/loaded", provide_automatic_options=False)
 def loaded_models() -> ResponseReturnValue:
     return jsonify({"models": _service().loaded()})
 
 
-@api.post("/api/models/<path:name>/load")
+@api.post("/api/models/<path:name>/load", provide_automatic_options=False)
 @rate_limited
 def load_model(name: str) -> ResponseReturnValue:
     """Optional body ``{"keep_alive": "1h" | 3600 | "forever"}``; ``?wait=true`` as for pulls."""
@@ -168,6 +190,8 @@ def load_model(name: str) -> ResponseReturnValue:
     unknown = sorted(set(body) - {"keep_alive"})
     if unknown:
         raise InvalidRequest(f"unknown field(s) {', '.join(map(repr, unknown))}: the body may only hold keep_alive")
+    if "keep_alive" in body and body["keep_alive"] is None:
+        raise InvalidRequest("keep_alive is null: leave it out for Ollama's default")
     wait = _flag("wait")
     if wait:
         _take_wait_slot(state, "load")
@@ -179,7 +203,7 @@ def load_model(name: str) -> ResponseReturnValue:
             state.wait_slots.release()
 
 
-@api.post("/api/models/<path:name>/unload")
+@api.post("/api/models/<path:name>/unload", provide_automatic_options=False)
 @rate_limited
 def unload_model(name: str) -> ResponseReturnValue:
     return jsonify(_service().unload(name))
