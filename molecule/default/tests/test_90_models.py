@@ -3,8 +3,9 @@ against this scenario's inventory (gpu_bridge_models in inventory/models.yml), j
 host's Ollama (the emulator) holds and counted.
 
 The steps build on each other and run in file order, after every other check of the scenario (this
-file changes the GPU hosts' models). They start from fresh emulators (reset: the startup models,
-counters at zero). Each step prints its figures (past pytest's capture).
+file changes the GPU hosts' models, hence test_90). They start from fresh emulators (reset: the
+startup models, counters at zero) and reset them again at the end. Each step prints its figures
+(past pytest's capture).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from models_play import PlayRun, run_playbook  # noqa: E402
 
 UPDATED = "llama3.2:latest"  # declared, installed from the start
 SNAPSHOT = "llama3.2:latest-gpubridge-prev"
-LOADED = "smollm:135m"  # declared loaded: true, pulled by the first apply
+LOADED = "phi3:mini"  # declared loaded: true, pulled by the first apply
 ABSENT = "qwen2.5:0.5b"  # declared absent
 UNDECLARED = "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"  # installed, not declared; prune off
 PLAN = [  # the first plan of every GPU host: deletes, then pulls, then preloads
@@ -87,6 +88,8 @@ def proof(request, gpus, say):
     record = Proof(str(inventory), gpus, say)
     yield record
     say(f"{record.runs} runs of playbooks/models.yml took {record.seconds:.0f} s")
+    for gpu in gpus.values():  # the emulators' startup models again, for whatever runs next
+        emulator(gpu, "POST", "/_emulator/reset")
 
 
 def names_of(proof: Proof) -> list[str]:
@@ -158,7 +161,7 @@ def test_a_new_build_is_rolled_out_canary_first_and_the_old_one_kept(proof):
     preview = proof.run(check=True, extra={"gpu_models_update": True})
     for name in proof.gpus:
         assert [(a["op"], a["model"], a.get("snapshot")) for a in preview.module(name)["plan"]] == [
-            ("update", UPDATED, SNAPSHOT), ("update", LOADED, "smollm:135m-gpubridge-prev")]
+            ("update", UPDATED, SNAPSHOT), ("update", LOADED, "phi3:mini-gpubridge-prev")]
 
     run = proof.run(extra={"gpu_models_update": True})
     assert run.rc == 0, run.output[-3000:]
