@@ -30,11 +30,11 @@ def test_defaults_are_one_gthread_worker_without_gunicorns_access_log():
 
 def test_deployed_values_come_from_the_environment_and_arguments_win():
     env = {"GPU_BRIDGE_GUNICORN_BIND": "127.0.0.1:8002", "GPU_BRIDGE_GUNICORN_THREADS": "3",
-           "GPU_BRIDGE_GUNICORN_TIMEOUT": "90", "GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT": "12.5",
+           "GPU_BRIDGE_GUNICORN_TIMEOUT": "90", "GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT": "12",
            "GPU_BRIDGE_GUNICORN_PROC_NAME": "gpu-http-server"}
     options = serve.gunicorn_options(env)
     assert options["bind"] == ["127.0.0.1:8002"] and options["threads"] == 3 and options["timeout"] == 90
-    assert options["graceful_timeout"] == 12.5 and options["proc_name"] == "gpu-http-server"
+    assert options["graceful_timeout"] == 12 and options["proc_name"] == "gpu-http-server"
     options = serve.gunicorn_options(env, bind="unix:/run/x.sock", threads=5, timeout=7)
     assert (options["bind"], options["threads"], options["timeout"]) == (["unix:/run/x.sock"], 5, 7)
 
@@ -43,7 +43,7 @@ def test_deployed_values_come_from_the_environment_and_arguments_win():
     ({"GPU_BRIDGE_GUNICORN_THREADS": "many"}, {}, "GPU_BRIDGE_GUNICORN_THREADS"),
     ({"GPU_BRIDGE_GUNICORN_THREADS": "0"}, {}, "GPU_BRIDGE_GUNICORN_THREADS"),
     ({"GPU_BRIDGE_GUNICORN_TIMEOUT": "-1"}, {}, "GPU_BRIDGE_GUNICORN_TIMEOUT"),
-    ({"GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT": "soon"}, {}, "GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT"),
+    ({"GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT": "12.5"}, {}, "GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT"),
     ({"GPU_BRIDGE_GUNICORN_BIND": "nonsense"}, {}, "nonsense"),
     ({}, {"threads": 0}, "threads"),
 ])
@@ -70,13 +70,18 @@ def _gunicorn_conf(env: dict) -> subprocess.CompletedProcess:
 
 
 def test_gunicorn_reads_the_module_as_the_units_run_it():
-    result = _gunicorn_conf({"GPU_BRIDGE_GUNICORN_BIND": "127.0.0.1:8002", "GPU_BRIDGE_GUNICORN_THREADS": "4"})
+    """Every variable the units set (roles/*/templates/*.service.j2), as strings, as systemd passes them."""
+    result = _gunicorn_conf({"GPU_BRIDGE_GUNICORN_BIND": "127.0.0.1:8002", "GPU_BRIDGE_GUNICORN_THREADS": "4",
+                             "GPU_BRIDGE_GUNICORN_TIMEOUT": "61", "GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT": "31",
+                             "GPU_BRIDGE_GUNICORN_PROC_NAME": "gpu-http-server"})
     assert result.returncode == 0, result.stderr
     printed = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     printed = {k.strip(): v.strip() for k, v in printed.items()}
     assert printed["bind"] == "['127.0.0.1:8002']" and printed["threads"] == "4"
+    assert printed["timeout"] == "61" and printed["graceful_timeout"] == "31"
+    assert printed["proc_name"] == "gpu-http-server"
     assert printed["accesslog"] == "None" and printed["workers"] == "1" and printed["worker_class"] == "gthread"
-    assert printed["graceful_timeout"] == "30" and printed["control_socket_disable"] == "True"
+    assert printed["control_socket_disable"] == "True" and printed["limit_request_line"] == "8190"
 
 
 def test_a_bad_value_stops_gunicorn_with_one_line():

@@ -22,7 +22,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from .config import env_float, env_int, env_str
+from .config import env_int, env_str
 from .errors import ConfigError
 
 # The roles' defaults (gpu_http_server_threads / _timeout / _graceful_timeout and prod_backend_*);
@@ -71,7 +71,7 @@ def gunicorn_options(env: Mapping[str, str], *, bind: str | None = None, threads
     options["timeout"] = timeout if timeout is not None else env_int(
         env, "GPU_BRIDGE_GUNICORN_TIMEOUT", DEFAULT_TIMEOUT, minimum=1)
     # How long a stop or restart waits for requests in flight (the units' TimeoutStopSec= adds to it).
-    options["graceful_timeout"] = env_float(env, "GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT", DEFAULT_GRACEFUL_TIMEOUT)
+    options["graceful_timeout"] = env_int(env, "GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT", DEFAULT_GRACEFUL_TIMEOUT)
     options["proc_name"] = env_str(env, "GPU_BRIDGE_GUNICORN_PROC_NAME", DEFAULT_PROC_NAME)
     return options
 
