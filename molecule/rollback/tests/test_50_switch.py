@@ -19,7 +19,8 @@ RERUN_TARGET_S = 15.0
 OLD_S = {"rollback_nfs.yml": 129, "restore_http.yml": 131}
 # The only gpu_bridge_common tasks a switch may run: the read-only check that site.yml installed the app.
 COMMON_TASKS_ALLOWED = {"gpu_bridge_common : Look for the installed app",
-                        "gpu_bridge_common : Fail unless site.yml installed the app here"}
+                        "gpu_bridge_common : Fail unless site.yml installed the app here",
+                        "gpu_bridge_common : Remember the check for this run"}
 
 
 def _runs(playbook: str) -> list[dict]:
