@@ -6,14 +6,33 @@ One file, Python 3.11 standard library only: it is copied onto Debian 12 test ho
 import it and call ``make_server(host, port, **knobs)``.
 
 It follows the wire format in shared/notes/ollama-api.md ("the note"), quirks included, so our
-adapter meets them in tests before it meets a real Ollama. Routes that are not Ollama's live under
-``/_emulator/`` (JSON, no auth, no Host check):
+adapter meets them in tests before it meets a real Ollama. Where the note is silent the emulator
+follows Ollama's server/routes.go, server/sched.go and api/types.go; tests/emulator drives every route
+through the official ``ollama`` Python client so the two cannot drift apart.
 
-    GET  /_emulator/stats    counters (requests, pulls, downloads started/cancelled/active, bytes
-                             downloaded: a resumed download adds only the bytes it had not fetched)
+Ollama routes: ``/``, ``/api/version``, ``/api/tags``, ``/api/show``, ``/api/pull``, ``/api/delete``,
+``/api/copy``, ``/api/ps``, ``/api/generate`` and ``/api/chat`` (an empty prompt / no messages loads a
+model, ``keep_alive: 0`` unloads it; a prompt gets a canned answer). Loaded models live in a VRAM
+model: a per-host budget (``vram_bytes``), Ollama's eviction when a load does not fit, CPU spill
+(``size_vram < size``) for a model larger than the whole budget, and ``keep_alive`` expiry on the
+emulator's clock, which tests can move forward instead of sleeping.
+
+Routes that are not Ollama's live under ``/_emulator/`` (JSON, no auth, no Host check):
+
+    GET  /_emulator/stats    counters (requests, pulls and pulls_by_model, downloads started/cancelled/
+                             active, bytes downloaded: a resumed download adds only the bytes it had not
+                             fetched, copies, loads, unloads, evicted and expired model names)
     GET  /_emulator/config   the current knobs
-    POST /_emulator/config   merge knobs (see KNOB_DEFAULTS) and the actions ``add_remote``/``installed``
-    POST /_emulator/reset    back to the startup state (flags + --config-json), counters zeroed
+    POST /_emulator/config   merge knobs (see KNOB_DEFAULTS) and the actions ``add_remote``/``installed``/
+                             ``publish``/``loaded``
+    POST /_emulator/publish  {"model", "digest"?, "size"?}: the registry gets a new build of that tag, so
+                             a later pull downloads a new digest (installed copies keep the old one)
+    GET  /_emulator/clock    the emulator's clock (keep_alive expiry runs on it)
+    POST /_emulator/clock    {"advance": seconds}: move it forward (models whose keep_alive ran out unload)
+    POST /_emulator/reset    back to the startup state (flags + --config-json), counters zeroed, clock real
+
+``python3 ollama_emulator.py publish MODEL [--digest D] [--url URL]`` asks a running emulator to publish
+(for hosts without curl, e.g. the molecule GPU hosts).
 """
 
 from __future__ import annotations
@@ -22,6 +41,7 @@ import argparse
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import select
@@ -31,7 +51,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -53,6 +75,13 @@ KNOB_DEFAULTS: dict = {
     "fail_after_bytes": None,  # fail once a pull's completed bytes (all layers) reach this
     "fail_error": "write /root/.ollama/models/blobs/sha256-{digest}-partial: no space left on device",
     "tz_offset": "-07:00",  # offset in modified_at: "local", "Z" or "+HH:MM"/"-HH:MM"
+    # The VRAM model (loaded models, /api/ps). 0 bytes of VRAM means a CPU-only host: nothing is
+    # evicted for room and every model reports size_vram 0.
+    "vram_bytes": 24 * 1024**3,  # one 24 GiB GPU
+    "max_loaded_models": 3,  # OLLAMA_MAX_LOADED_MODELS' default for one GPU
+    "load_overhead_bytes": 512 * 1024**2,  # KV cache and graph: /api/ps sizes exceed /api/tags sizes
+    "load_seconds": 0,  # time a load takes before its answer (real loads take seconds to minutes)
+    "default_keep_alive": "5m",  # OLLAMA_KEEP_ALIVE: a duration string or seconds, negative = forever
 }
 
 
@@ -180,6 +209,65 @@ def _utc_ns(year: int, month: int, day: int, hour: int, minute: int, second: int
 
 
 # ---------------------------------------------------------------------------------------------
+# keep_alive durations (api.Duration's UnmarshalJSON, on Go's time.ParseDuration)
+# ---------------------------------------------------------------------------------------------
+FOREVER_NS = 2**63 - 1  # math.MaxInt64: what a negative keep_alive becomes
+_GO_UNITS = {"ns": 1, "us": 1_000, "\u00b5s": 1_000, "\u03bcs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
+             "m": 60_000_000_000, "h": 3_600_000_000_000}
+_DURATION_PART = re.compile(r"(\d*)(?:\.(\d*))?([^\d.]*)")
+
+
+def go_parse_duration(text: str) -> int:
+    """Go's time.ParseDuration in nanoseconds: ``"5m"``, ``"1h30m"``, ``"1.5s"``, ``"-1m"``, ``"0"``.
+
+    Errors carry Go's wording (``time: invalid duration "x"``): Ollama answers them as a 400.
+    """
+    quoted = go_quote(text)
+    body, sign = text, 1
+    if body[:1] in ("-", "+"):
+        sign, body = (-1 if body[0] == "-" else 1), body[1:]
+    if body == "0":
+        return 0
+    if not body:
+        raise ValueError(f"time: invalid duration {quoted}")
+    total, position = 0, 0
+    while position < len(body):
+        match = _DURATION_PART.match(body, position)
+        assert match is not None  # every group may be empty: it always matches
+        whole, fraction, unit = match.group(1), match.group(2), match.group(3)
+        if not whole and not fraction:
+            raise ValueError(f"time: invalid duration {quoted}")
+        if not unit:
+            raise ValueError(f"time: missing unit in duration {quoted}")
+        if unit not in _GO_UNITS:
+            raise ValueError(f"time: unknown unit {go_quote(unit)} in duration {quoted}")
+        scale = _GO_UNITS[unit]
+        total += int(whole or "0") * scale
+        if fraction:
+            total += int(fraction) * scale // 10 ** len(fraction)
+        position = match.end()
+    return min(sign * total, FOREVER_NS)
+
+
+_GO_TYPES = {bool: "bool", list: "[]interface {}", dict: "map[string]interface {}"}
+
+
+def keep_alive_ns(value: object) -> int:
+    """A keep_alive as Ollama reads it: seconds (a number) or a duration string; negative = forever.
+
+    Raises ValueError with Ollama's message for anything else.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):  # Python's json reads NaN and Infinity; Go's rejects them
+            raise ValueError(f"invalid keep_alive {value}")
+        return FOREVER_NS if value < 0 else min(int(value * 1_000_000_000), FOREVER_NS)
+    if isinstance(value, str):
+        duration = go_parse_duration(value)
+        return FOREVER_NS if duration < 0 else duration
+    raise ValueError(f"Unsupported type: '{_GO_TYPES.get(type(value), type(value).__name__)}'")
+
+
+# ---------------------------------------------------------------------------------------------
 # Models: layers, specs, the default installed set and the remote catalog
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -209,6 +297,7 @@ class ModelSpec:
     quantization_level: str = "Q4_K_M"
     capabilities: tuple[str, ...] = ("completion",)
     context_length: int | None = None  # a newer key in details; clients must ignore it
+    manifest_digest: str | None = None  # set by a copy (same manifest, same digest) or a publish
 
     @property
     def size(self) -> int:
@@ -217,14 +306,24 @@ class ModelSpec:
     @property
     def digest(self) -> str:
         """The manifest digest listed by /api/tags (hex without ``sha256:``, the note's quirk)."""
+        if self.manifest_digest:
+            return self.manifest_digest
         manifest = self.name.lower() + "".join(item.digest for item in self.layers)
         return hashlib.sha256(manifest.encode()).hexdigest()
 
-    def details(self) -> dict:
+    @property
+    def runner_key(self) -> str:
+        """Ollama keys a loaded runner by the model blob's path, so a copy shares its original's runner."""
+        weights = [item.digest for item in self.layers if item.media_type == MEDIA + "model"]
+        return weights[0] if weights else self.digest
+
+    def details(self, with_context: bool = True) -> dict:
+        """``with_context``: /api/tags and /api/show carry details.context_length when known; /api/ps
+        never does (its context_length is the runner's, at the top level)."""
         out = {"parent_model": "", "format": "gguf", "family": self.family,
                "families": list(self.families) if self.families is not None else None,
                "parameter_size": self.parameter_size, "quantization_level": self.quantization_level}
-        if self.context_length is not None:
+        if with_context and self.context_length is not None:
             out["context_length"] = self.context_length
         return out
 
@@ -232,7 +331,7 @@ class ModelSpec:
         return {"name": self.name, "layers": [[x.digest, x.size, x.media_type] for x in self.layers],
                 "family": self.family, "families": self.families, "parameter_size": self.parameter_size,
                 "quantization_level": self.quantization_level, "capabilities": self.capabilities,
-                "context_length": self.context_length}
+                "context_length": self.context_length, "manifest_digest": self.manifest_digest}
 
     @classmethod
     def from_json(cls, data: dict) -> ModelSpec:
@@ -240,7 +339,8 @@ class ModelSpec:
         return cls(name=data["name"], layers=tuple(Layer(*item) for item in data["layers"]),
                    family=data["family"], families=tuple(families) if families is not None else None,
                    parameter_size=data["parameter_size"], quantization_level=data["quantization_level"],
-                   capabilities=tuple(data["capabilities"]), context_length=data.get("context_length"))
+                   capabilities=tuple(data["capabilities"]), context_length=data.get("context_length"),
+                   manifest_digest=data.get("manifest_digest"))
 
 
 def _llama_params() -> Layer:
@@ -299,6 +399,11 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _finite(value: object) -> bool:
+    """A number that int() can take: Python's json reads NaN and Infinity, which Go's rejects."""
+    return _is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
+
+
 def _check_stall(value: object) -> bool:
     if isinstance(value, bool | str):
         return True
@@ -314,8 +419,21 @@ _KNOB_CHECKS = {
     "fail_after_bytes": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
     "fail_error": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
     "tz_offset": (valid_tz_offset, '"local", "Z" or "+HH:MM"'),
+    "vram_bytes": (lambda v: _finite(v) and v >= 0, "a number >= 0 (bytes; 0 = no GPU)"),
+    "max_loaded_models": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "load_overhead_bytes": (lambda v: _finite(v) and v >= 0, "a number >= 0 (bytes)"),
+    "load_seconds": (lambda v: _finite(v) and v >= 0, "a number >= 0 (seconds)"),
+    "default_keep_alive": (lambda v: _valid_keep_alive(v), 'a duration ("5m", "1h") or seconds; negative = forever'),
 }
-ACTIONS = ("add_remote", "installed")
+ACTIONS = ("add_remote", "installed", "publish", "loaded")
+
+
+def _valid_keep_alive(value: object) -> bool:
+    try:
+        keep_alive_ns(value)
+    except ValueError:
+        return False
+    return True
 
 
 def check_knobs(knobs: dict) -> None:
@@ -417,6 +535,29 @@ class Installed:
     modified_ns: int
 
 
+@dataclass
+class Loaded:
+    """A model in memory, as ``/api/ps`` shows it. Times are on the emulator's clock."""
+
+    spec: ModelSpec
+    size: int  # weights + overhead: larger than the /api/tags size, as in real Ollama
+    size_vram: int  # < size: the rest spilled to system memory (CPU)
+    context_length: int
+    keep_alive_ns: int
+    expires_ns: int
+    last_used_ns: int
+
+    @property
+    def eviction_order(self) -> tuple[int, int]:
+        """Ollama's sched.go unloads the shortest keep_alive first (a forever model last); it breaks
+        ties by blob path, which is arbitrary to a user: here the least recently used goes first."""
+        return (self.keep_alive_ns, self.last_used_ns)
+
+
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
+DEFAULT_CONTEXT = 4096  # Ollama's default num_ctx, capped by what the model was trained for
+
+
 class EmulatorState:
     def __init__(self, startup_knobs: dict | None = None, startup_config: dict | None = None,
                  state_file: str | None = None):
@@ -442,11 +583,33 @@ class EmulatorState:
                 self.installed[key] = Installed(self.catalog[key], modified_ns)
             self.blobs = {item.digest for entry in self.installed.values() for item in entry.spec.layers}
             self.partials: dict[str, int] = {}
-            self.stats = {"requests": 0, "pull_requests": 0, "downloads_started": {}, "cancelled_downloads": 0,
-                          "failed_downloads": 0, "completed_downloads": 0, "downloaded_bytes": 0}
-            self.apply_config({key: value for key, value in self.startup_config.items() if key in ACTIONS},
-                              save=False)
+            self.builds: dict[str, int] = {}  # published builds per tag (the catalog's original is build 1)
+            self.loaded: dict[str, Loaded] = {}  # by runner key
+            self.clock_offset_ns = 0
+            self.stats = self._zero_stats()
+            # Knobs first: the actions (a ``loaded`` list) may depend on vram_bytes and friends.
             self.knobs.update({key: value for key, value in self.startup_config.items() if key not in ACTIONS})
+            self.apply_config({key: value for key, value in self.startup_config.items()
+                               if key in ACTIONS and key != "loaded"}, save=False)
+            self._startup_memory()
+            self.stats = self._zero_stats()  # the startup state is not something a test did
+
+    @staticmethod
+    def _zero_stats() -> dict:
+        return {"requests": 0, "pull_requests": 0, "pulls": 0, "pulls_by_model": {}, "downloads_started": {},
+                "cancelled_downloads": 0, "failed_downloads": 0, "completed_downloads": 0, "downloaded_bytes": 0,
+                "copies": 0, "loads": 0, "unloads": 0, "evicted": [], "expired": []}
+
+    def _startup_memory(self) -> None:
+        """What is loaded at start: the startup ``loaded`` list, else the newest installed model, as if
+        a user had just used it (so ``/api/ps`` is not empty on a fresh emulator, as tests expect)."""
+        self.loaded = {}
+        if "loaded" in self.startup_config:
+            self._replace_loaded(self.startup_config["loaded"])
+            return
+        newest = self.list_installed()[:1]
+        if newest:
+            self._place(newest[0].spec, self.now_ns(), None)
 
     def reset(self) -> None:
         """Cancel running downloads, then go back to the startup state; the state file follows."""
@@ -464,12 +627,17 @@ class EmulatorState:
             installed = {parse_name(item["spec"]["name"]).key: Installed(ModelSpec.from_json(item["spec"]),
                                                                           int(item["modified_ns"]))
                          for item in data["installed"]}
+            catalog = [ModelSpec.from_json(item) for item in data.get("catalog", [])]
+            builds = {str(k): int(v) for k, v in data.get("builds", {}).items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log(f"state file {path} unreadable ({exc}); starting with the default models")
             return
         self.installed = installed
         self.blobs = set(data.get("blobs", [])) | {x.digest for e in installed.values() for x in e.spec.layers}
         self.partials = {str(k): int(v) for k, v in data.get("partials", {}).items()}
+        self.catalog.update({parse_name(spec.name).key: spec for spec in catalog})  # published builds survive
+        self.builds = builds
+        self._startup_memory()  # memory does not survive a restart: the startup set, from the loaded models
 
     def save(self) -> None:
         """Write the state file atomically (temp file + rename), so a crash never leaves half a file."""
@@ -478,7 +646,8 @@ class EmulatorState:
         with self.lock:
             data = {"installed": [{"spec": e.spec.to_json(), "modified_ns": e.modified_ns}
                                   for e in self.installed.values()],
-                    "blobs": sorted(self.blobs), "partials": self.partials}
+                    "blobs": sorted(self.blobs), "partials": self.partials,
+                    "catalog": [spec.to_json() for spec in self._changed_catalog()], "builds": self.builds}
             directory = os.path.dirname(os.path.abspath(self.state_file))
             fd, tmp = tempfile.mkstemp(prefix=".ollama-emulator-", dir=directory)
             try:
@@ -505,9 +674,39 @@ class EmulatorState:
             if "installed" in config:
                 self._replace_installed(config["installed"])
             self.knobs.update({key: value for key, value in config.items() if key not in ACTIONS})
-            if save and "installed" in config:
+            if "publish" in config:
+                self._publish_all(config["publish"])
+            if "loaded" in config:
+                self._replace_loaded(config["loaded"])
+            if save and ("installed" in config or "publish" in config):
                 self.save()
             return dict(self.knobs)
+
+    def _publish_all(self, entries: object) -> None:
+        """``publish``: ``{name: digest or null}``, one new build per name (see ``publish``)."""
+        if not isinstance(entries, dict):
+            raise HttpError(400, "publish must be an object: {name: digest or null}")
+        for name, digest in entries.items():
+            self.publish(name, digest)
+
+    def _replace_loaded(self, entries: object) -> None:
+        """``loaded``: installed names or ``{"name", "keep_alive"}``, loaded in order (evictions apply)."""
+        if not isinstance(entries, list):
+            raise HttpError(400, 'loaded must be a list of names or {"name", "keep_alive"} objects')
+        wanted = []
+        for entry in entries:
+            name = self._valid(entry.get("name") if isinstance(entry, dict) else entry)
+            installed = self.installed.get(name.key)
+            if installed is None:
+                raise HttpError(400, f"loaded: {name.display} is not installed")
+            keep_alive = entry.get("keep_alive") if isinstance(entry, dict) else None
+            try:
+                wanted.append((installed.spec, None if keep_alive is None else keep_alive_ns(keep_alive)))
+            except ValueError as exc:
+                raise HttpError(400, f"loaded: {name.display}: keep_alive: {exc}") from None
+        self.loaded = {}
+        for spec, keep_alive in wanted:
+            self._place(spec, self.now_ns(), keep_alive)
 
     def _replace_installed(self, entries: object) -> None:
         """``installed``: names or ``{"name", "size"}``; listed in the given order (first = newest)."""
@@ -568,6 +767,48 @@ class EmulatorState:
                 digest for digest in self.blobs if digest in self._downloading_digests()}
             self.save()
             return True
+
+    def copy(self, source: Name, destination: Name) -> bool:
+        """Ollama's CopyModel writes the source's manifest under a new name: same layers, same digest."""
+        with self.lock:
+            entry = self.installed.get(source.key)
+            if entry is None:
+                return False
+            spec = replace(entry.spec, name=destination.display, manifest_digest=entry.spec.digest)
+            self.installed[destination.key] = Installed(spec, time.time_ns())  # a new manifest file: newest
+            self.stats["copies"] += 1
+            self.save()
+            return True
+
+    def publish(self, raw_name: object, digest: object = None, size: object = None) -> dict:
+        """The registry gets build N+1 of a tag: a new weights layer, so a new manifest digest.
+
+        Builds are numbered per tag and their layers derive from the name and number, so every host
+        that publishes the same tag the same number of times sees the same digest (one registry).
+        ``digest`` pins the new manifest digest; ``size`` sets the new weights layer's bytes.
+        """
+        name = self._valid(raw_name)
+        if digest is not None and not (isinstance(digest, str) and HEX64_RE.fullmatch(digest)):
+            raise HttpError(400, "digest must be 64 lowercase hex characters, without sha256:")
+        weights_size = _as_sizes(size)[0] if size is not None else None
+        with self.lock:
+            old = self.catalog.get(name.key)
+            base = old or synth_spec(name, [weights_size or 100_000_000])
+            build = self.builds.get(name.key, 1) + 1
+            content = f"{name.key}/build{build}" if digest is None else f"{name.key}/digest/{digest}"
+            weights = [item for item in base.layers if item.media_type == MEDIA + "model"]
+            new = layer(content, weights_size or (weights[0].size if weights else 100_000_000), "model")
+            rest = tuple(item for item in base.layers if item.media_type != MEDIA + "model")
+            spec = replace(base, layers=(new, *rest), manifest_digest=digest)
+            self.catalog[name.key] = spec
+            self.builds[name.key] = build
+            return {"model": spec.name, "digest": spec.digest, "previous_digest": old.digest if old else None,
+                    "build": build}
+
+    def _changed_catalog(self) -> list[ModelSpec]:
+        """Catalog entries that are not the built-in ones (published builds, add_remote): persisted."""
+        defaults = {parse_name(spec.name).key: spec for spec in DEFAULT_CATALOG}
+        return [spec for key, spec in self.catalog.items() if defaults.get(key) != spec]
 
     def _downloading_digests(self) -> set[str]:
         return {item.digest for d in self.downloads.values() for item in d.spec.layers}
@@ -636,23 +877,127 @@ class EmulatorState:
             for download in self.downloads.values():
                 download.cancel_event.set()
 
+    # --- loaded models: the VRAM model ---------------------------------------------------------
+    def now_ns(self) -> int:
+        """The emulator's clock: wall time plus what tests advanced it by (keep_alive runs on it)."""
+        return time.time_ns() + self.clock_offset_ns
+
+    def advance_clock(self, seconds: float) -> list[str]:
+        """Move the clock forward; returns the models whose keep_alive ran out meanwhile."""
+        with self.lock:
+            self.clock_offset_ns += int(seconds * 1_000_000_000)
+            return self._expire_due()
+
+    def _expire_due(self) -> list[str]:
+        """Unload what has expired. Real Ollama uses timers; checking on every read looks the same."""
+        now = self.now_ns()
+        gone = [entry for entry in self.loaded.values() if entry.expires_ns <= now]
+        for entry in gone:
+            del self.loaded[entry.spec.runner_key]
+            self.stats["expired"].append(entry.spec.name)
+        return [entry.spec.name for entry in gone]
+
+    def is_loaded(self, spec: ModelSpec) -> bool:
+        with self.lock:
+            self._expire_due()
+            return spec.runner_key in self.loaded
+
+    def load_model(self, spec: ModelSpec, keep_alive: int | None) -> Loaded:
+        """Load (or touch) a model; ``keep_alive`` None keeps a loaded model's own, else the default."""
+        with self.lock:
+            self._expire_due()
+            if spec.runner_key not in self.loaded:
+                self.stats["loads"] += 1
+            return self._place(spec, self.now_ns(), keep_alive)
+
+    def _place(self, spec: ModelSpec, now: int, keep_alive: int | None) -> Loaded:
+        entry = self.loaded.get(spec.runner_key)
+        if entry is None:
+            entry = self._make_room_and_load(spec, now)
+            if keep_alive is None:
+                keep_alive = keep_alive_ns(self.knobs["default_keep_alive"])
+        if keep_alive is not None:
+            entry.keep_alive_ns = keep_alive
+        entry.last_used_ns = now
+        entry.expires_ns = now + entry.keep_alive_ns  # forever: now + MaxInt64 ns, year 2318, like Go
+        return entry
+
+    def _make_room_and_load(self, spec: ModelSpec, now: int) -> Loaded:
+        """sched.go: evict until the model fits whole in VRAM (and under max_loaded_models); one larger
+        than the whole budget evicts everything, then loads partly on the CPU (size_vram < size)."""
+        need = spec.size + int(self.knobs["load_overhead_bytes"])
+        budget = int(self.knobs["vram_bytes"])
+
+        def crowded() -> bool:
+            if len(self.loaded) >= self.knobs["max_loaded_models"]:
+                return True
+            return budget > 0 and need > budget - self._vram_used()
+
+        while self.loaded and crowded():
+            victim = min(self.loaded.values(), key=lambda entry: entry.eviction_order)
+            del self.loaded[victim.spec.runner_key]
+            self.stats["evicted"].append(victim.spec.name)
+        size_vram = max(0, min(need, budget - self._vram_used()))
+        context = min(DEFAULT_CONTEXT, spec.context_length or DEFAULT_CONTEXT)
+        entry = Loaded(spec, need, size_vram, context, 0, now, now)
+        self.loaded[spec.runner_key] = entry
+        return entry
+
+    def _vram_used(self) -> int:
+        return sum(entry.size_vram for entry in self.loaded.values())
+
+    def unload_model(self, spec: ModelSpec) -> bool:
+        """keep_alive 0: Ollama's expireRunner. Unloading what is not loaded is no error."""
+        with self.lock:
+            self._expire_due()
+            if self.loaded.pop(spec.runner_key, None) is None:
+                return False
+            self.stats["unloads"] += 1
+            return True
+
+    def loaded_models(self) -> list[Loaded]:
+        """As /api/ps lists them: the longest time left first (ties by name, for stable tests)."""
+        with self.lock:
+            self._expire_due()
+            return sorted(self.loaded.values(), key=lambda entry: (-entry.expires_ns, entry.spec.name))
+
     # --- counters ----------------------------------------------------------------------------
     def count(self, counter: str) -> None:
         with self.lock:
             self.stats[counter] += 1
 
+    def count_pull(self) -> None:
+        """Every POST /api/pull, even one with no body, so "zero pulls reached Ollama" means zero requests."""
+        self.count("pulls")
+
+    def count_pull_model(self, model: Name | str) -> None:
+        """Per model as /api/tags names it (``LLAMA3.2`` counts as ``llama3.2:latest``); a model the
+        registry lacks under its display name; an invalid name as sent."""
+        with self.lock:
+            if isinstance(model, Name):
+                installed = self.installed.get(model.key)
+                known = self.catalog.get(model.key) or (installed.spec if installed else None)
+                model = known.name if known else model.display
+            by_model = self.stats["pulls_by_model"]
+            by_model[model] = by_model.get(model, 0) + 1
+
     def stats_view(self) -> dict:
         with self.lock:
             active = [d for d in self.downloads.values() if not d.finished]
+            loaded = self.loaded_models()
             return {**self.stats, "downloads_started": dict(self.stats["downloads_started"]),
+                    "pulls_by_model": dict(self.stats["pulls_by_model"]),
+                    "evicted": list(self.stats["evicted"]), "expired": list(self.stats["expired"]),
                     "active_downloads": [d.spec.name for d in active],
                     "download_waiters": {d.spec.name: d.waiters for d in active},
-                    "installed": [e.spec.name for e in self.list_installed()]}
+                    "installed": [e.spec.name for e in self.list_installed()],
+                    "loaded": [entry.spec.name for entry in loaded],
+                    "vram_used_bytes": sum(entry.size_vram for entry in loaded)}
 
 
 def _as_sizes(value: object) -> list[int]:
     sizes = value if isinstance(value, list) else [value]
-    if not sizes or not all(_is_number(size) and size > 0 for size in sizes):
+    if not sizes or not all(_finite(size) and size > 0 for size in sizes):
         raise HttpError(400, "sizes must be a positive number of bytes or a list of them")
     return [int(size) for size in sizes]
 
@@ -695,6 +1040,14 @@ def is_loopback_bind(host: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------------------------
+CANNED_ANSWER = "This is the Ollama emulator: no model runs here."
+
+
+def _json_kind(value: object) -> str:
+    """The JSON kind Go names in ``json: cannot unmarshal KIND into ...``."""
+    return {bool: "bool", str: "string", list: "array", dict: "object"}.get(type(value), "number")
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -889,17 +1242,139 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"models": models})
 
     def ps(self) -> None:
-        """Pretend the most recently modified model is loaded (enough to exercise the shape)."""
+        """api.ProcessModelResponse, in its field order; expires_at in local time like Go's time.Now()."""
         tz = self.state.knobs["tz_offset"]
-        models = []
-        for entry in self.state.list_installed()[:1]:
-            spec = entry.spec
-            expires = time.time_ns() + 4 * 60 * 1_000_000_000  # a loaded model expires after a keep-alive
-            models.append({"name": spec.name, "model": spec.name, "size": spec.size + 1_073_741_824,
-                           "digest": spec.digest, "details": spec.details(),
-                           "expires_at": rfc3339_nano(expires, tz), "size_vram": spec.size + 1_073_741_824,
-                           "context_length": spec.context_length or 4096})
+        models = [{"name": entry.spec.name, "model": entry.spec.name, "size": entry.size,
+                   "digest": entry.spec.digest, "details": entry.spec.details(with_context=False),
+                   "expires_at": rfc3339_nano(entry.expires_ns, tz), "size_vram": entry.size_vram,
+                   "context_length": entry.context_length}
+                  for entry in self.state.loaded_models()]
         self._json(200, {"models": models})
+
+    def copy(self) -> None:
+        """200 with an EMPTY body, like delete. Note the 404 quotes the name with ", not ' (Go's %q)."""
+        body = self._json_body("CopyRequest")
+        source_raw = self._string_field(body, "source", "CopyRequest")
+        destination_raw = self._string_field(body, "destination", "CopyRequest")
+        source = parse_name(source_raw)
+        if source is None:
+            raise HttpError(400, f"source {go_quote(source_raw)} is invalid")
+        destination = parse_name(destination_raw)
+        if destination is None:
+            raise HttpError(400, f"destination {go_quote(destination_raw)} is invalid")
+        if not self.state.copy(source, destination):
+            raise HttpError(404, f"model {go_quote(source_raw)} not found")
+        self._send(200, b"", None)
+
+    # --- generate and chat: load, unload, a canned answer ---------------------------------------
+    def generate(self) -> None:
+        """routes.go GenerateHandler. An empty model is a 404 here (a 400 on /api/chat): Ollama's quirk."""
+        body = self._json_body("GenerateRequest")
+        raw = self._string_field(body, "model", "GenerateRequest")
+        prompt = self._string_field(body, "prompt", "GenerateRequest")
+        keep_alive = self._keep_alive(body)
+        if not raw.strip():
+            raise HttpError(404, f"model '{raw}' not found")
+        spec = self._installed_for_inference(raw)
+        if not prompt and keep_alive == 0:
+            self.state.unload_model(spec)
+            self._json(200, {"model": raw, "created_at": self._created_at(), "response": "", "done": True,
+                             "done_reason": "unload"})
+            return
+        if "completion" not in spec.capabilities:
+            raise HttpError(400, f"{go_quote(raw)} does not support generate")
+        self._load(spec, keep_alive)
+        if not prompt:  # a load answers one JSON object even when streaming was asked for
+            self._json(200, {"model": raw, "created_at": self._created_at(), "response": "", "done": True,
+                             "done_reason": "load"})
+            return
+        self._canned_answer(body, raw, chat=False)
+
+    def chat(self) -> None:
+        """routes.go ChatHandler: no messages loads, no messages + keep_alive 0 unloads."""
+        body = self._json_body("ChatRequest")
+        raw = self._string_field(body, "model", "ChatRequest")
+        messages = body.get("messages")
+        if messages is not None and not isinstance(messages, list):
+            raise HttpError(400, f"json: cannot unmarshal {_json_kind(messages)} into Go struct field "
+                                 "ChatRequest.messages of type []api.Message")
+        keep_alive = self._keep_alive(body)
+        if not raw.strip():
+            raise HttpError(400, "model is required")
+        spec = self._installed_for_inference(raw)
+        if not messages and keep_alive == 0:
+            self.state.unload_model(spec)
+            self._json(200, {"model": raw, "created_at": self._created_at(),
+                             "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "unload"})
+            return
+        if "completion" not in spec.capabilities:
+            raise HttpError(400, f"{go_quote(raw)} does not support chat")
+        self._load(spec, keep_alive)
+        if not messages:
+            self._json(200, {"model": raw, "created_at": self._created_at(),
+                             "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+            return
+        self._canned_answer(body, raw, chat=True)
+
+    def _installed_for_inference(self, raw: str) -> ModelSpec:
+        name = parse_name(raw.strip())
+        if name is None:
+            raise HttpError(400, "invalid model name")
+        entry = self.state.find_installed(name)
+        if entry is None:
+            raise HttpError(404, f"model '{raw}' not found")
+        return entry.spec
+
+    def _keep_alive(self, body: dict) -> int | None:
+        """None when absent or null (Go leaves the *Duration nil); bad values are Gin binding errors."""
+        value = body.get("keep_alive")
+        if value is None:
+            return None
+        try:
+            return keep_alive_ns(value)
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+
+    def _load(self, spec: ModelSpec, keep_alive: int | None) -> None:
+        seconds = self.state.knobs["load_seconds"]
+        if seconds and not self.state.is_loaded(spec):
+            self._pause(seconds)  # a client that gives up cancels the load, as in Ollama
+        self.state.load_model(spec, keep_alive)
+
+    def _created_at(self) -> str:
+        return rfc3339_nano(self.state.now_ns(), "Z")  # time.Now().UTC()
+
+    def _canned_answer(self, body: dict, raw: str, chat: bool) -> None:
+        """No model runs here: one fixed answer, streamed as a fragment plus a final object, or whole."""
+        stream = body.get("stream") is not False
+
+        def part(text: str, done: bool) -> dict:
+            key, value = ("message", {"role": "assistant", "content": text}) if chat else ("response", text)
+            return {"model": raw, "created_at": self._created_at(), key: value, "done": done}
+
+        fragment = part(CANNED_ANSWER, False)
+        final = {**part("" if stream else CANNED_ANSWER, True), "done_reason": "stop"}
+        if not chat:
+            final["context"] = [1, 2, 3]
+        final.update({"total_duration": 1_000_000, "load_duration": 100_000, "prompt_eval_count": 1,
+                      "prompt_eval_duration": 100_000, "eval_count": len(CANNED_ANSWER.split()),
+                      "eval_duration": 500_000})
+        if not stream:
+            self._json(200, final)
+            return
+        self._start_stream()
+        self._write_line(fragment)
+        self._write_line(final)
+        self._end_stream()
+
+    def _string_field(self, body: dict, key: str, go_type: str) -> str:
+        value = body.get(key)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise HttpError(400, f"json: cannot unmarshal {_json_kind(value)} into Go struct field "
+                                 f"{go_type}.{key} of type string")
+        return value
 
     def show(self) -> None:
         body = self._json_body("ShowRequest")
@@ -934,8 +1409,11 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, b"", None)
 
     def pull(self) -> None:
+        self.state.count_pull()
         body = self._json_body("PullRequest")
-        name = parse_name(body.get("model") or body.get("name") or "")
+        raw = body.get("model") or body.get("name") or ""
+        name = parse_name(raw)
+        self.state.count_pull_model(name if name else str(raw))
         if name is None:
             raise HttpError(400, "invalid model name")
         self.state.count("pull_requests")
@@ -1003,6 +1481,25 @@ class Handler(BaseHTTPRequestHandler):
         self.state.reset()
         self._json(200, {"reset": True, "config": self.state.knobs})
 
+    def control_publish(self) -> None:
+        body = self._json_body("PublishRequest")
+        unknown = sorted(set(body) - {"model", "digest", "size"})
+        if unknown:
+            raise HttpError(400, f"unknown field(s) {', '.join(unknown)}; known: model, digest, size")
+        result = self.state.publish(body.get("model"), body.get("digest"), body.get("size"))
+        self.state.save()
+        self._json(200, result)
+
+    def control_clock(self) -> None:
+        expired: list[str] = []
+        if self.command == "POST":
+            advance = self._json_body("ClockRequest").get("advance")
+            if not isinstance(advance, int | float) or not _finite(advance) or advance < 0:
+                raise HttpError(400, "advance must be a number of seconds >= 0 (the clock never goes back)")
+            expired = self.state.advance_clock(advance)
+        self._json(200, {"now": rfc3339_nano(self.state.now_ns(), self.state.knobs["tz_offset"]),
+                         "offset_seconds": self.state.clock_offset_ns / 1e9, "expired": expired})
+
 
 # path -> method -> handler. HEAD mirrors GET where Ollama registers both.
 ROUTES = {
@@ -1013,9 +1510,14 @@ ROUTES = {
     "/api/show": {"POST": Handler.show},
     "/api/pull": {"POST": Handler.pull},
     "/api/delete": {"DELETE": Handler.delete},
+    "/api/copy": {"POST": Handler.copy},
+    "/api/generate": {"POST": Handler.generate},
+    "/api/chat": {"POST": Handler.chat},
     "/_emulator/stats": {"GET": Handler.control_stats},
     "/_emulator/config": {"GET": Handler.control_get_config, "POST": Handler.control_config},
     "/_emulator/reset": {"POST": Handler.control_reset},
+    "/_emulator/publish": {"POST": Handler.control_publish},
+    "/_emulator/clock": {"GET": Handler.control_clock, "POST": Handler.control_clock},
 }
 
 
@@ -1058,20 +1560,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="delay before answering every /api route (default 0)")
     parser.add_argument("--tz-offset", default=KNOB_DEFAULTS["tz_offset"],
                         help='offset in modified_at: "local", "Z" or "+HH:MM" (default -07:00)')
+    parser.add_argument("--vram-bytes", default=os.environ.get("OLLAMA_EMULATOR_VRAM_BYTES"),
+                        help="VRAM budget in bytes, 0 = no GPU (default $OLLAMA_EMULATOR_VRAM_BYTES or 24 GiB)")
+    parser.add_argument("--max-loaded-models", default=os.environ.get("OLLAMA_MAX_LOADED_MODELS"),
+                        help="models in memory at once (default $OLLAMA_MAX_LOADED_MODELS or 3)")
+    parser.add_argument("--keep-alive", default=os.environ.get("OLLAMA_KEEP_ALIVE"),
+                        help='default keep_alive: "5m", seconds, negative = forever (default $OLLAMA_KEEP_ALIVE or 5m)')
     parser.add_argument("--state-file", help="JSON file where installed models persist across restarts")
     parser.add_argument("--config-json", default="{}",
                         help="startup knobs and actions, same JSON as POST /_emulator/config")
     return parser.parse_args(argv)
 
 
+def memory_knobs(args: argparse.Namespace) -> dict:
+    """The VRAM flags (or their environment variables, as a systemd drop-in sets them) as knobs.
+
+    Like OLLAMA_KEEP_ALIVE, a keep-alive of bare digits means seconds. Raises ValueError when bad.
+    """
+    knobs: dict = {}
+    if args.vram_bytes not in (None, ""):
+        knobs["vram_bytes"] = int(float(args.vram_bytes))
+    if args.max_loaded_models not in (None, ""):
+        knobs["max_loaded_models"] = int(args.max_loaded_models)
+    if args.keep_alive not in (None, ""):
+        keep_alive = args.keep_alive.strip()
+        knobs["default_keep_alive"] = int(keep_alive) if re.fullmatch(r"-?\d+", keep_alive) else keep_alive
+        keep_alive_ns(knobs["default_keep_alive"])
+    return knobs
+
+
+def publish_main(argv: list[str]) -> int:
+    """``publish MODEL [--digest D] [--size BYTES] [--url URL]``: POST /_emulator/publish to a running emulator."""
+    parser = argparse.ArgumentParser(prog="ollama_emulator.py publish",
+                                     description="Publish a new build of a tag in a running emulator's registry.")
+    parser.add_argument("model", help="the tag, e.g. llama3.2:latest")
+    parser.add_argument("--digest", help="pin the new manifest digest (64 hex characters)")
+    parser.add_argument("--size", type=int, help="bytes of the new weights layer")
+    parser.add_argument("--url", default="http://127.0.0.1:11434", help="the emulator (default %(default)s)")
+    args = parser.parse_args(argv)
+    body = {"model": args.model, **({"digest": args.digest} if args.digest else {}),
+            **({"size": args.size} if args.size is not None else {})}
+    request = urllib.request.Request(args.url.rstrip("/") + "/_emulator/publish", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail).get("error", detail)
+        except ValueError:
+            pass
+        log(f"ollama-emulator publish: error: {detail} (HTTP {exc.code})")
+    except (urllib.error.URLError, OSError) as exc:
+        log(f"ollama-emulator publish: error: cannot reach the emulator at {args.url}: {exc}")
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["publish"]:
+        return publish_main(argv[1:])
     args = parse_args(argv)
     try:
         config = json.loads(args.config_json)
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
         knobs = {"pull_speed": args.pull_speed, "progress_interval": args.progress_interval,
-                 "verify_seconds": args.verify_seconds, "latency_ms": args.latency_ms, "tz_offset": args.tz_offset}
+                 "verify_seconds": args.verify_seconds, "latency_ms": args.latency_ms, "tz_offset": args.tz_offset,
+                 **memory_knobs(args)}
         server = make_server(args.host, args.port, state_file=args.state_file, config=config, **knobs)
     except (ValueError, HttpError) as exc:
         log(f"ollama-emulator: error: bad configuration: {exc}")

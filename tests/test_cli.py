@@ -8,6 +8,8 @@ import sys
 import pytest
 
 from gpu_bridge import cli
+from gpu_bridge.cli import health
+from gpu_bridge.cli.servers import LazyHandler
 from gpu_bridge.errors import InvalidModelName
 
 
@@ -32,14 +34,31 @@ def test_unknown_command_is_a_usage_error():
 def test_every_declared_command_has_a_handler():
     parser = cli.build_parser()
     subactions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
-    assert set(subactions[0].choices) == set(cli.HANDLERS)
+    commands = subactions[0].choices
+    assert set(commands) == {"serve-gpu", "serve-backend", "nfs-worker", "nfs-init", "nfs-heartbeat", "models", "jobs",
+                             "health"}
+    for name, sub in commands.items():
+        handler = sub.get_default("handler")
+        # A server command's handler is imported only when it runs: the name it gives must exist.
+        assert callable(handler.load() if isinstance(handler, LazyHandler) else handler), name
+
+
+def test_help_loads_neither_the_client_nor_server_code():
+    """`gpu-bridge --help` stays fast and a production host never imports server code: building the parser
+    imports no HTTP client, Flask app or NFS worker."""
+    code = ("import sys\nfrom gpu_bridge.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('requests', 'flask', 'gunicorn') or "
+            "m.startswith(('gpu_bridge.gpu_server', 'gpu_bridge.backend', 'gpu_bridge.nfs_worker', "
+            "'gpu_bridge.client', 'gpu_bridge.cli.target'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    assert r.stdout.strip() == "[]", r.stdout
 
 
 def test_project_errors_become_one_line(monkeypatch, capsys):
     def boom(args):
         raise InvalidModelName("invalid model name 'a b': use letters, digits and _ - . : /")
 
-    monkeypatch.setattr(cli, "_load", lambda spec: boom)
+    monkeypatch.setattr(health, "run", boom)
     assert cli.main(["health"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
@@ -104,7 +123,7 @@ def test_unusable_token_file_is_one_line(tmp_path, content, fragment):
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
-    from gpu_bridge.cli_ops import read_token_file
+    from gpu_bridge.cli.target import read_token_file
     from gpu_bridge.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:

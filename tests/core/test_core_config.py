@@ -113,3 +113,47 @@ def test_client_transport_must_be_known():
     with pytest.raises(ConfigError) as info:
         config.ClientSettings.from_env({"GPU_BRIDGE_TRANSPORT": "carrier-pigeon"})
     assert "GPU_BRIDGE_TRANSPORT" in info.value.message
+
+
+@pytest.mark.parametrize("cls", [config.GpuServerSettings, config.ClientSettings, config.NfsSettings,
+                                 config.RetentionSettings])
+def test_an_empty_environment_gives_the_dataclass_defaults(cls):
+    """from_env and the dataclass take their defaults from the same Setting: they cannot differ."""
+    assert cls.from_env({}) == cls()
+
+
+def test_every_setting_is_in_the_table_once():
+    names = [s.env for s in config.SETTINGS]
+    assert len(names) == len(set(names))
+    assert {"GPU_BRIDGE_AUDIT_RETENTION_DAYS", "GPU_BRIDGE_PULL_RETENTION_DAYS", "GPU_BRIDGE_MIN_FREE_GB"} <= set(names)
+
+
+def test_retention_defaults_and_zero():
+    assert config.RetentionSettings.from_env({}) == config.RetentionSettings(audit_days=90, pull_days=30)
+    zero = config.RetentionSettings.from_env({"GPU_BRIDGE_AUDIT_RETENTION_DAYS": "0",
+                                              "GPU_BRIDGE_PULL_RETENTION_DAYS": " 0 "})
+    assert (zero.audit_days, zero.pull_days) == (0, 0)
+
+
+@pytest.mark.parametrize(("name", "value", "fragment"), [
+    ("GPU_BRIDGE_AUDIT_RETENTION_DAYS", "-1", "must be >= 0"),
+    ("GPU_BRIDGE_AUDIT_RETENTION_DAYS", "90d", "is not an integer"),
+    ("GPU_BRIDGE_PULL_RETENTION_DAYS", "1.5", "is not an integer"),
+    ("GPU_BRIDGE_TRANSPORT", "NFSv4", "must be http or nfs"),
+    ("GPU_BRIDGE_GPU_SCHEME", "ftp", "must be http or https"),
+])
+def test_backend_settings_errors_name_the_variable(name, value, fragment):
+    with pytest.raises(ConfigError) as info:
+        config.BackendSettings.from_env({name: value})
+    assert info.value.message.startswith(f"{name}=") and fragment in info.value.message
+
+
+def test_transport_is_case_folded_and_the_url_slash_dropped():
+    assert config.ClientSettings.from_env({"GPU_BRIDGE_TRANSPORT": "NFS"}).transport == "nfs"
+    assert GpuServerSettings.from_env({"GPU_BRIDGE_OLLAMA_URL": "http://o:1//"}).ollama_url == "http://o:1"
+
+
+def test_nfs_host_id_defaults_to_the_host_name(monkeypatch):
+    monkeypatch.setattr(config.socket, "gethostname", lambda: "gpu-07")
+    assert config.NfsSettings.from_env({}).host_id == "gpu-07"
+    assert config.NfsSettings.from_env({"GPU_BRIDGE_NFS_HOST_ID": "gpu-01"}).host_id == "gpu-01"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 TOKEN = "s3cret-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-JOB_KEYS = {"id", "model", "state", "completed", "total", "percent", "status", "error", "error_code",
+JOB_KEYS = {"id", "kind", "model", "state", "completed", "total", "percent", "status", "error", "error_code",
             "created_at", "started_at", "finished_at", "updated_at"}
 
 

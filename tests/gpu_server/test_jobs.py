@@ -11,7 +11,7 @@ from gpu_bridge.errors import Conflict, InvalidModelName, JobNotFound, ModelNotF
 from gpu_bridge.jobs import Job, JobManager
 from support.procs import wait_until
 
-JOB_KEYS = {"id", "model", "state", "completed", "total", "percent", "status", "error", "error_code",
+JOB_KEYS = {"id", "kind", "model", "state", "completed", "total", "percent", "status", "error", "error_code",
             "created_at", "started_at", "finished_at", "updated_at"}
 
 

@@ -3,10 +3,13 @@ request log), authenticated and refused requests on both services, then every ca
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
 from hostile_helpers import ADMIN_TOKEN, GPU_TOKEN, backend_config, gpu_config, gunicorn
 
+from gpu_bridge.logs import CORE_FIELDS
 from support.procs import emulator_control, wait_until
 
 pytestmark = pytest.mark.integration
@@ -71,6 +74,13 @@ def test_tokens_never_appear_in_logs(module_emulator, tmp_path):
     # Not vacuous: the request lines, 401s included, are in the logs we search.
     assert '"status": 401' in logs["gpu-server"] and '"/api/models"' in logs["gpu-server"], logs["gpu-server"][-2000:]
     assert '"status": 401' in logs["backend"] and "/config/pull-model" in logs["backend"], logs["backend"][-2000:]
+    # One format on both (gpu_bridge/logs.py): every line of ours starts with the same fields, the
+    # service named; gunicorn's own lines (its access and error log) are the only other lines.
+    for name, text in logs.items():
+        ours = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        assert ours and all(list(entry)[:len(CORE_FIELDS)] == list(CORE_FIELDS) for entry in ours), ours[:3]
+        assert {entry["process"] for entry in ours} == {name}
+        assert any(entry["logger"] == "gpu_bridge.access" and entry["status"] == 401 for entry in ours)
     leaks = []
     for secret in [GPU_TOKEN, ADMIN_TOKEN, *NEAR_MISSES]:
         for name, text in logs.items():

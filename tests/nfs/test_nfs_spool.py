@@ -3,7 +3,11 @@ liveness judgement, error mapping, and the nfs-init / nfs-heartbeat commands."""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import errno
+import importlib
+import inspect
 import json
 import os
 import stat
@@ -26,6 +30,8 @@ from gpu_bridge.errors import (
     QueueFull,
     ShareNotReady,
 )
+
+SPOOL_MODULES = ("paths", "files", "protocol", "exchange", "liveness", "share", "cli")
 
 
 def run_cli(root, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -55,7 +61,7 @@ def test_temp_names_are_dot_names_in_the_tmp_dir(tmp_path, monkeypatch):
         seen.append(src)
         real_rename(src, dst)
 
-    monkeypatch.setattr(spool.os, "rename", spy)
+    monkeypatch.setattr(spool.files.os, "rename", spy)
     spool.write_atomic(str(tmp_path), str(tmp_path / "x"), b"data")
     assert os.path.dirname(seen[0]) == str(tmp_path)
     assert os.path.basename(seen[0]).startswith(".")
@@ -69,7 +75,7 @@ def test_publish_treats_a_rename_that_happened_as_success(tmp_path, monkeypatch)
         real_rename(src, dst)
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", src)
 
-    monkeypatch.setattr(spool.os, "rename", rename_then_fail)
+    monkeypatch.setattr(spool.files.os, "rename", rename_then_fail)
     spool.write_atomic(str(tmp_path), str(tmp_path / "final"), b"hello")
     assert (tmp_path / "final").read_bytes() == b"hello"
 
@@ -78,14 +84,14 @@ def test_publish_reports_a_real_failure_and_cleans_up(tmp_path, monkeypatch):
     def fail(src, dst):
         raise PermissionError(errno.EACCES, "Permission denied", dst)
 
-    monkeypatch.setattr(spool.os, "rename", fail)
+    monkeypatch.setattr(spool.files.os, "rename", fail)
     with pytest.raises(PermissionError):
         spool.write_atomic(str(tmp_path), str(tmp_path / "final"), b"hello")
     assert os.listdir(tmp_path) == []  # the temp file is gone too
 
 
 def test_write_atomic_checks_short_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(spool.os, "write", lambda fd, data: 0)
+    monkeypatch.setattr(spool.files.os, "write", lambda fd, data: 0)
     with pytest.raises(OSError, match="short write"):
         spool.write_atomic(str(tmp_path), str(tmp_path / "final"), b"hello")
     assert os.listdir(tmp_path) == []
@@ -130,7 +136,7 @@ def test_host_ids_must_be_one_safe_path_component(bad):
 
 def test_mount_options_constant_documents_the_cache_settings():
     assert spool.COMMAND_MOUNT_OPTIONS == "vers=4.2,hard,lookupcache=positive,acdirmin=0,acdirmax=1,_netdev"
-    assert "lookupcache=positive" in spool.__doc__ and "directory attribute cache" in spool.__doc__
+    assert "lookupcache=positive" in spool.share.__doc__ and "directory attribute cache" in spool.share.__doc__
 
 
 # --- the share ------------------------------------------------------------------------------------
@@ -176,12 +182,12 @@ def test_check_share_refusals(tmp_path, monkeypatch):
     spool.init_share(str(tmp_path))
     assert spool.check_share(str(tmp_path), require_mount=False)["format"] == 1
     # Not mounted: only "/" is a mount point above the root.
-    monkeypatch.setattr(spool.os.path, "ismount", lambda p: p == "/")
+    monkeypatch.setattr(spool.share.os.path, "ismount", lambda p: p == "/")
     with pytest.raises(ShareNotReady, match="not mounted"):
         spool.check_share(str(tmp_path), require_mount=True)
     # Mounted at an ancestor (e.g. /mnt/shared mounted, root below it).
     parent = os.path.realpath(tmp_path)
-    monkeypatch.setattr(spool.os.path, "ismount", lambda p: p in ("/", parent))
+    monkeypatch.setattr(spool.share.os.path, "ismount", lambda p: p in ("/", parent))
     assert spool.check_share(str(tmp_path), require_mount=True)
 
 
@@ -275,11 +281,55 @@ def test_nfs_heartbeat_cli_says_when_it_may_not_read_the_share(share, monkeypatc
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
     monkeypatch.setenv("GPU_BRIDGE_NFS_ROOT", str(share))
-    monkeypatch.setattr(spool, "read_json", refused)
+    monkeypatch.setattr(spool.liveness, "read_json", refused)
     assert cli.main(["nfs-heartbeat", "--host-id", "gpu-01", "--timeout", "30"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert "Permission denied" in err and "service account" in err and "heartbeat.json" in err
+
+
+@pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")])
+def test_nfs_heartbeat_refuses_a_timeout_that_is_not_a_positive_number(share, monkeypatch, timeout):
+    monkeypatch.setenv("GPU_BRIDGE_NFS_ROOT", str(share))
+    with pytest.raises(ConfigError, match="--timeout .*positive number of seconds"):
+        spool.cmd_nfs_heartbeat(argparse.Namespace(host_id="gpu-01", timeout=timeout))
+
+
+# --- the package: every caller writes spool.X -----------------------------------------------------------
+def test_every_public_name_of_the_spool_modules_is_reexported_as_spool_x():
+    """nfs_worker, client/nfs.py, the CLI table ("gpu_bridge.spool:cmd_nfs_init"), bench and the tests
+    all reach the protocol through the package: a name added to a module must be reachable there too."""
+    checked = 0
+    for module in (importlib.import_module(f"gpu_bridge.spool.{name}") for name in SPOOL_MODULES):
+        assert module.__doc__ and len(module.__doc__) > 100, f"{module.__name__} says what it holds and why"
+        for name in _defined_names(inspect.getsource(module)):
+            if not name.startswith("_"):
+                assert getattr(spool, name, None) is getattr(module, name), f"spool.{name} ({module.__name__})"
+                assert name in spool.__all__, name
+                checked += 1
+    assert checked > 50 and set(spool.__all__) <= set(vars(spool)), "every name in __all__ exists"
+
+
+def _defined_names(source: str) -> list[str]:
+    """Top-level functions, classes and assignments of a module's source (not what it imports)."""
+    names = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                elts = target.elts if isinstance(target, ast.Tuple) else [target]
+                names += [t.id for t in elts if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.append(node.target.id)
+    return names
+
+
+@pytest.mark.parametrize("name", SPOOL_MODULES)
+def test_spool_modules_stay_small(name):
+    path = os.path.join(os.path.dirname(spool.__file__), f"{name}.py")
+    with open(path, encoding="utf-8") as fh:
+        assert sum(1 for _ in fh) <= 400, f"spool/{name}.py has grown past ~400 lines: split it along a seam"
 
 
 # --- production side without a worker ----------------------------------------------------------------

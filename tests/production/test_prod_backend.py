@@ -11,8 +11,9 @@ import pytest
 from prod_helpers import FakeFactory
 
 from gpu_bridge.backend import create_app
-from gpu_bridge.backend.app import JsonFormatter, is_loopback_bind
+from gpu_bridge.backend.state import is_loopback_bind
 from gpu_bridge.errors import ConfigError
+from gpu_bridge.logs import JsonFormatter
 
 A, B = "10.0.0.1:8001", "10.0.0.2:8001"
 
@@ -288,7 +289,7 @@ def test_non_loopback_bind_protects_state_changing_routes(env, tmp_path):
     assert client.get("/config/models").status_code == 200  # reads stay open
     r = client.post("/config/pull-model", json={"model": "tinyllama"})
     assert r.status_code == 401 and r.get_json()["code"] == "unauthorized"
-    assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="gpu-bridge"'
     r = client.post("/config/delete-model", json={"model": "x"}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
     r = client.post("/config/delete-model", json={"model": "x"}, headers={"Authorization": "Bearer \u00e9\u00e9"})
@@ -315,7 +316,7 @@ def test_request_log_is_one_json_line_without_tokens(env, tmp_path):
             records.append(JsonFormatter().format(record))
 
     handler = Collect()
-    logger = logging.getLogger("gpu_bridge.backend")
+    logger = logging.getLogger("gpu_bridge")
     logger.addHandler(handler)
     try:
         client = create_app({**env, "GPU_BRIDGE_API_TOKEN": "gpu-s3cret", "GPU_BRIDGE_BACKEND_BIND": "10.1.2.3:8000",
@@ -332,3 +333,13 @@ def test_request_log_is_one_json_line_without_tokens(env, tmp_path):
     assert entry["request_id"] == "log-1" and entry["path"] == "/config/pull-model" and entry["status"] == 202
     assert entry["method"] == "POST" and isinstance(entry["duration_ms"], float)
     assert not any("s3cret" in r for r in records)
+
+
+def test_the_retention_settings_reach_the_database(env):
+    """GPU_BRIDGE_*_RETENTION_DAYS from the environment are what the backend's database prunes by."""
+    from gpu_bridge.backend.state import EXTENSION
+
+    app = create_app({**env, "GPU_BRIDGE_AUDIT_RETENTION_DAYS": "0", "GPU_BRIDGE_PULL_RETENTION_DAYS": "7"},
+                     transport_factory=FakeFactory())
+    retention = app.extensions[EXTENSION].db.retention
+    assert (retention.audit_days, retention.pull_days) == (0, 7)

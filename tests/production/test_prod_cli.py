@@ -9,8 +9,10 @@ import pytest
 from flask import Flask, jsonify
 from prod_helpers import StandIn
 
-from gpu_bridge import cli, cli_ops
-from gpu_bridge.cli_ops import Progress, detect, human_bytes, human_duration
+from gpu_bridge import cli
+from gpu_bridge.cli import output, target
+from gpu_bridge.cli.output import Progress, human_bytes, human_duration
+from gpu_bridge.cli.target import detect
 from gpu_bridge.errors import GpuBridgeError
 from support.procs import free_port
 
@@ -101,7 +103,7 @@ def test_refused_backend_is_one_line_that_says_what_to_fix(capsys, monkeypatch):
 
 
 def test_refused_gpu_port_names_the_gpu_service():
-    err = cli_ops._unreachable("http://gpu-01:8001", "connection refused")
+    err = target._unreachable("http://gpu-01:8001", "connection refused")
     assert "cannot reach the GPU server at http://gpu-01:8001" in err.message
     assert "gpu-http-server.service" in err.message
 
@@ -115,7 +117,7 @@ def test_bad_url_and_cancel_without_id(capsys):
 
 def test_default_url(monkeypatch):
     monkeypatch.delenv("GPU_BRIDGE_URL", raising=False)
-    assert cli_ops.target_url(type("A", (), {"url": None})()) == "http://127.0.0.1:8000"
+    assert target.target_url(type("A", (), {"url": None})()) == "http://127.0.0.1:8000"
 
 
 def test_progress_over_several_hosts_says_so_on_both_renderings():
@@ -133,12 +135,12 @@ def test_progress_over_several_hosts_says_so_on_both_renderings():
 
 
 def test_a_host_label_is_said_once():
-    assert cli_ops.once("pulling x failed on every GPU host: gpu-01:8001: gpu-01:8001: model 'x' is not "
-                        "installed") == "pulling x failed on every GPU host: gpu-01:8001: model 'x' is not installed"
-    assert cli_ops.once("gpu-01:8001: gpu-01:8001 refused the connection") == "gpu-01:8001 refused the connection"
-    assert cli_ops.once("gpu-01:8001: gpu-01:80011 x") == "gpu-01:8001: gpu-01:80011 x"  # different hosts
-    assert cli_ops.host_message("gpu-01:8001", "gpu-01:8001 refused") == "gpu-01:8001 refused"
-    assert cli_ops.host_message("gpu-01:8001", "model gone") == "gpu-01:8001: model gone"
+    assert output.once("pulling x failed on every GPU host: gpu-01:8001: gpu-01:8001: model 'x' is not "
+                       "installed") == "pulling x failed on every GPU host: gpu-01:8001: model 'x' is not installed"
+    assert output.once("gpu-01:8001: gpu-01:8001 refused the connection") == "gpu-01:8001 refused the connection"
+    assert output.once("gpu-01:8001: gpu-01:80011 x") == "gpu-01:8001: gpu-01:80011 x"  # different hosts
+    assert output.host_message("gpu-01:8001", "gpu-01:8001 refused") == "gpu-01:8001 refused"
+    assert output.host_message("gpu-01:8001", "model gone") == "gpu-01:8001: model gone"
 
 
 def test_health_table_rows_follow_the_json(capsys):
@@ -165,3 +167,18 @@ def test_health_table_rows_follow_the_json(capsys):
     assert "breaker open (trial in 12.5 s)" in rows["gpu-03:8001"][1]
     assert rows["gpu-03:8001"][1].endswith("gpu-03:8001 refused the connection")
     assert rows["gpu-03:8001"][1].count("gpu-03:8001") == 1
+
+
+def test_a_pull_answered_without_a_job_id_is_one_line(capsys):
+    """A server that answers the pull but gives no job id to follow: say so, and which URL to check."""
+    app = Flask("no-job-id")
+    app.add_url_rule("/api/health", "health", lambda: jsonify({"status": "ok", "ollama": {"reachable": True}}))
+    app.add_url_rule("/api/models/<path:name>", "pull", lambda name: jsonify({"state": "queued"}), methods=["POST"])
+    gpu = StandIn(app)
+    try:
+        assert cli.main(["models", "pull", "tinyllama", "--url", gpu.url]) == 1
+    finally:
+        gpu.stop()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("gpu-bridge: error: 127.0.0.1:") and "answered no job id" in err and gpu.url in err

@@ -21,7 +21,7 @@ import requests
 from conftest import run_cli
 from prod_helpers import TOKEN
 
-from gpu_bridge.cli_ops import utc_time
+from gpu_bridge.cli.output import utc_time
 from support.procs import emulator_control, free_port
 
 pytestmark = pytest.mark.integration
@@ -83,6 +83,10 @@ def _expect(argv: list[str], r) -> None:
         assert re.match(r"pull \S+ of \S+: (succeeded|cancelled)", r.stdout), r.stdout
     elif words == ["health"]:
         assert r.stdout.startswith("backend http://127.0.0.1:"), r.stdout
+    elif words[:2] == ["models", "ps"]:
+        assert r.stdout.split()[:3] == ["HOST", "NAME", "SIZE"] and "EXPIRES (UTC)" in r.stdout, r.stdout
+    elif words[:2] in (["models", "load"], ["models", "unload"]):
+        assert r.stdout.startswith(f"{words[1]}ed {words[2]} on "), r.stdout
     else:  # pragma: no cover - a new README command needs an expectation here
         raise AssertionError(f"no expectation for README command {argv}")
 

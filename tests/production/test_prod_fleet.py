@@ -151,4 +151,14 @@ def test_health_reports_breaker_and_latency():
 def test_merge_marks_differing_digests():
     merged = merge_models({A: [{"name": "m:1", "digest": "x"}], B: [{"name": "M:1", "digest": "y"}, {"bad": 1}]})
     assert merged == [{"name": "m:1", "size": None, "digest": "x", "modified_at": None, "details": None,
-                       "hosts": [A, B], "digest_differs": True}]
+                       "hosts": [A, B], "digests": {A: "x", B: "y"}, "diverged": True, "snapshot": False,
+                       "digest_differs": True}]
+
+
+def test_merge_shows_each_hosts_digest_and_marks_snapshots():
+    merged = merge_models({A: [{"name": "m:1", "digest": "x"}, {"name": "m:1-gpubridge-prev", "digest": "w"}],
+                           B: [{"name": "m:1", "digest": "x"}]})
+    same, snapshot = merged
+    assert (same["digests"], same["diverged"], same["snapshot"]) == ({A: "x", B: "x"}, False, False)
+    assert "digest_differs" not in same
+    assert (snapshot["hosts"], snapshot["snapshot"], snapshot["diverged"]) == ([A], True, False)

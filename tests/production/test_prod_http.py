@@ -13,7 +13,8 @@ from flask import Flask, jsonify, request
 from prod_helpers import StandIn
 from urllib3.exceptions import NewConnectionError, ProtocolError, ReadTimeoutError
 
-from gpu_bridge.client.http import HttpTransport, _retry_policy, current_request_id
+from gpu_bridge.client.http import HttpTransport, current_request_id
+from gpu_bridge.client.http_session import retry_policy
 from gpu_bridge.config import ClientSettings, GpuHost
 from gpu_bridge.errors import (
     Conflict,
@@ -175,7 +176,7 @@ def test_refused_connection_names_host_and_service():
 
 
 def test_retry_policy_only_retries_what_is_safe():
-    policy = _retry_policy(2)
+    policy = retry_policy(2)
     refused = NewConnectionError(None, "Failed to establish a new connection: [Errno 111] Connection refused")
     # Refused: nothing was sent, so even a POST (a pull) is retried.
     assert policy.increment(method="POST", url="/api/models/x", error=refused).connect == 1

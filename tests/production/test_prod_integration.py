@@ -12,6 +12,7 @@ import requests
 from conftest import run_cli
 from prod_helpers import TOKEN, GpuSide, start_gunicorn_on
 
+from gpu_bridge.backend.db import LATEST
 from gpu_bridge.client.http import HttpTransport
 from gpu_bridge.config import ClientSettings, GpuHost
 from support.procs import emulator_control, free_port, wait_until
@@ -306,7 +307,8 @@ def test_backend_on_postgresql_keeps_cache_and_audit(gpu_side, postgres, backend
         pytest.skip("database behaviour does not depend on the transport (covered with http)")
     url = postgres.create_database(f"gb_integration_{free_port()}")
     backend = backends(gpu_side.backend_env(GPU_BRIDGE_DATABASE_URL=url))
-    assert get(backend, "/health").json()["db"] == {"ok": True, "dialect": "postgresql", "schema_version": 2}
+    assert get(backend, "/health").json()["db"] == {"ok": True, "dialect": "postgresql",
+                                                         "schema_version": LATEST}
     assert get(backend, "/config/models").json()["source"] == "gpu"
     r = post(backend, "/config/pull-model", {"model": "smollm:135m", "wait": True})
     assert r.status_code == 200 and all(x["ok"] for x in r.json()["results"].values())

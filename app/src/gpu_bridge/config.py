@@ -11,75 +11,112 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from .config_fields import (
+    BoolSetting,
+    FloatSetting,
+    IntSetting,
+    ListSetting,
+    OptionalStrSetting,
+    Setting,
+    StrSetting,
+    field_for,
+    raw_value,
+    read_fields,
+)
 from .errors import ConfigError
 
-DEFAULT_GPU_PORT = 8001
-DEFAULT_BACKEND_BIND = "127.0.0.1:8000"
-DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
-DEFAULT_ALLOWED_REGISTRIES = ("registry.ollama.ai", "hf.co")
-DEFAULT_NFS_ROOT = "/mnt/shared"
-DEFAULT_DATABASE_URL = "sqlite:////var/lib/gpu-bridge/backend.db"
+# --- the settings: each variable's default, written here only ---------------------------------------
+# GPU server (gpu-http-server, and the NFS worker, which runs the same Ollama adapter and pull jobs)
+OLLAMA_URL = StrSetting("GPU_BRIDGE_OLLAMA_URL", "http://127.0.0.1:11434", "Ollama's address", rstrip="/")
+ALLOW_NO_TOKEN = BoolSetting("GPU_BRIDGE_ALLOW_NO_TOKEN", False, "development only: no authentication")
+ALLOWED_REGISTRIES = ListSetting("GPU_BRIDGE_ALLOWED_REGISTRIES", ("registry.ollama.ai", "hf.co"),
+                                 "registry hosts a pull may name (GPU server and backend)")
+OLLAMA_CONNECT_TIMEOUT = FloatSetting("GPU_BRIDGE_OLLAMA_CONNECT_TIMEOUT", 2.0, "seconds to connect to Ollama",
+                                      minimum=0.01)
+OLLAMA_READ_TIMEOUT = FloatSetting("GPU_BRIDGE_OLLAMA_READ_TIMEOUT", 30.0, "seconds to wait for Ollama's answer",
+                                   minimum=0.01)
+PULL_STALL_TIMEOUT = FloatSetting("GPU_BRIDGE_PULL_STALL_TIMEOUT", 300.0, "seconds without progress: pull fails",
+                                  minimum=0.1)
+MAX_CONCURRENT_PULLS = IntSetting("GPU_BRIDGE_MAX_CONCURRENT_PULLS", 2, "pulls running at once", minimum=1)
+MAX_QUEUED_PULLS = IntSetting("GPU_BRIDGE_MAX_QUEUED_PULLS", 16, "queued pulls before 429", minimum=0)
+MAX_WAITING_PULLS = IntSetting("GPU_BRIDGE_MAX_WAITING_PULLS", 2, "requests waiting for a pull at once", minimum=0)
+RATE_LIMIT_PER_MINUTE = IntSetting("GPU_BRIDGE_RATE_LIMIT_PER_MINUTE", 60, "state changes per minute; 0: off",
+                                   minimum=0)
+MAX_BODY_BYTES = IntSetting("GPU_BRIDGE_MAX_BODY_BYTES", 64 * 1024, "larger request bodies get 413 (both apps)",
+                            minimum=1024)
+OLLAMA_MODELS_DIR = OptionalStrSetting("GPU_BRIDGE_OLLAMA_MODELS_DIR", None, "where the free-space floor applies")
+MIN_FREE_GB = FloatSetting("GPU_BRIDGE_MIN_FREE_GB", 10.0, "free GiB a pull needs there")
+METRICS_PUBLIC = BoolSetting("GPU_BRIDGE_METRICS_PUBLIC", False, "serve /metrics without the token")
+LOG_HEALTH_CHECKS = BoolSetting("GPU_BRIDGE_LOG_HEALTH_CHECKS", False, "access-log successful health checks")
+JOB_RETENTION = FloatSetting("GPU_BRIDGE_JOB_RETENTION", 3600.0, "seconds a finished job stays listed")
+JOB_STATE_FILE = OptionalStrSetting("GPU_BRIDGE_JOB_STATE_FILE", None, "the job table on disk; unset: memory only")
+
+# The client towards the GPU hosts (backend, CLI)
+GPU_PORT = IntSetting("GPU_BRIDGE_GPU_PORT", 8001, "port of GPU host entries without one", minimum=1)
+GPU_SCHEME = StrSetting("GPU_BRIDGE_GPU_SCHEME", "http", "http or https towards the GPU hosts",
+                        choices=("http", "https"))
+TRANSPORT = StrSetting("GPU_BRIDGE_TRANSPORT", "http", "http, or nfs for the fallback channel",
+                       choices=("http", "nfs"), lower=True)
+CONNECT_TIMEOUT = FloatSetting("GPU_BRIDGE_CONNECT_TIMEOUT", 3.0, "seconds to connect to a GPU host", minimum=0.01)
+READ_TIMEOUT = FloatSetting("GPU_BRIDGE_READ_TIMEOUT", 30.0, "seconds to wait for one answer", minimum=0.01)
+PULL_TIMEOUT = FloatSetting("GPU_BRIDGE_PULL_TIMEOUT", 300.0, "a waited pull's seconds without progress",
+                            minimum=0.01)
+RETRIES = IntSetting("GPU_BRIDGE_RETRIES", 2, "retries where a retry is safe", minimum=0)
+BREAKER_THRESHOLD = IntSetting("GPU_BRIDGE_BREAKER_THRESHOLD", 3, "failures that open a host's breaker", minimum=1)
+BREAKER_COOLDOWN = FloatSetting("GPU_BRIDGE_BREAKER_COOLDOWN", 15.0, "seconds before an open breaker probes")
+FANOUT_DEADLINE = FloatSetting("GPU_BRIDGE_FANOUT_DEADLINE", 2.5, "seconds a listing waits for all hosts",
+                               minimum=0.05)
+PULL_DEADLINE = FloatSetting("GPU_BRIDGE_PULL_DEADLINE", 0.0, "a waited pull's total limit; 0: none")
+CLI_URL = StrSetting("GPU_BRIDGE_URL", "http://127.0.0.1:8000", "where the CLI sends requests (read by cli_ops)")
+
+# The NFS channel (worker and backend)
+NFS_ROOT = StrSetting("GPU_BRIDGE_NFS_ROOT", "/mnt/shared", "the share root")
+NFS_HOST_ID = OptionalStrSetting("GPU_BRIDGE_NFS_HOST_ID", None, "the worker's id on the share",
+                                 shown="the host name")
+NFS_POLL_INTERVAL = FloatSetting("GPU_BRIDGE_NFS_POLL_INTERVAL", 0.05, "seconds between scans", minimum=0.001)
+NFS_HEARTBEAT_INTERVAL = FloatSetting("GPU_BRIDGE_NFS_HEARTBEAT_INTERVAL", 2.0, "seconds between heartbeats",
+                                      minimum=0.05)
+NFS_COMMAND_TIMEOUT = FloatSetting("GPU_BRIDGE_NFS_COMMAND_TIMEOUT", 30.0, "deadline of a command", minimum=0.1)
+NFS_ANSWER_RETENTION = FloatSetting("GPU_BRIDGE_NFS_ANSWER_RETENTION", 3600.0, "seconds answers are kept")
+NFS_REQUIRE_MOUNT = BoolSetting("GPU_BRIDGE_NFS_REQUIRE_MOUNT", True, "refuse a root that is no mount point")
+NFS_MODELS_REFRESH = FloatSetting("GPU_BRIDGE_NFS_MODELS_REFRESH", 5.0, "seconds between models.json rewrites",
+                                  minimum=0.05)
+NFS_AUDIT_LOG = OptionalStrSetting("GPU_BRIDGE_NFS_AUDIT_LOG", None, "the worker's local command log")
+
+# The backend
+DATABASE_URL = StrSetting("GPU_BRIDGE_DATABASE_URL", "sqlite:////var/lib/gpu-bridge/backend.db", "SQLAlchemy URL")
+BACKEND_BIND = StrSetting("GPU_BRIDGE_BACKEND_BIND", "127.0.0.1:8000", "the backend's listen address")
+CACHE_MAX_AGE = FloatSetting("GPU_BRIDGE_CACHE_MAX_AGE", 10.0, "seconds a fresh listing is reused")
+AUDIT_RETENTION_DAYS = IntSetting("GPU_BRIDGE_AUDIT_RETENTION_DAYS", 90, "days audit entries are kept; 0: forever",
+                                  minimum=0)
+PULL_RETENTION_DAYS = IntSetting("GPU_BRIDGE_PULL_RETENTION_DAYS", 30, "days finished pulls are kept; 0: forever",
+                                 minimum=0)
+# Models as code: the declared models of every GPU host (the prod_backend role writes the file from the
+# inventory) and how often the backend compares them with what the hosts hold.
+DECLARED_MODELS_FILE = OptionalStrSetting("GPU_BRIDGE_DECLARED_MODELS_FILE", None,
+                                          "the declared models (JSON); unset: no drift report")
+DRIFT_INTERVAL = FloatSetting("GPU_BRIDGE_DRIFT_INTERVAL", 60.0, "seconds between drift checks; 0: on request only")
+
+# Every setting above (tests/test_docs.py compares them with the README and the roles).
+SETTINGS: tuple[Setting[Any], ...] = tuple(v for v in list(globals().values()) if isinstance(v, Setting))
+
+# Older names, still imported elsewhere.
+DEFAULT_GPU_PORT = GPU_PORT.default
+DEFAULT_BACKEND_BIND = BACKEND_BIND.default
+DEFAULT_OLLAMA_URL = OLLAMA_URL.default
+DEFAULT_ALLOWED_REGISTRIES = ALLOWED_REGISTRIES.default
+DEFAULT_NFS_ROOT = NFS_ROOT.default
+DEFAULT_DATABASE_URL = DATABASE_URL.default
 # systemd LoadCredential= exposes secrets under $CREDENTIALS_DIRECTORY/<name>; the roles use these names.
 API_TOKEN_CREDENTIAL = "api-token"  # noqa: S105 - a file name, not a secret
 BACKEND_TOKEN_CREDENTIAL = "backend-token"  # noqa: S105
 CLIENT_KEY_CREDENTIAL = "client-key"  # the backend's TLS client key (mutual TLS with the GPU hosts)
 
 
-def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
-    value = env.get(name)
-    if value is None or value.strip() == "":
-        return default
-    return value.strip()
-
-
-def env_str(env: Mapping[str, str], name: str, default: str) -> str:
-    return _get(env, name, default)  # type: ignore[return-value]
-
-
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | None = 0) -> int:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}")
-    return value
-
-
-def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value != value or value < minimum:  # NaN or below the floor
-        raise ConfigError(f"{name}={raw} must be a number >= {minimum}")
-    return value
-
-
-def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    lowered = raw.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
-
-
-def env_list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
+def _gib_to_bytes(gib: float) -> int:
+    return int(gib * 1024**3)
 
 
 def token_lines(secret: str | None) -> tuple[str, ...]:
@@ -95,15 +132,15 @@ def token_lines(secret: str | None) -> tuple[str, ...]:
 
 def read_secret(env: Mapping[str, str], file_var: str, value_var: str, credential: str) -> str | None:
     """A secret from, in order: ``<file_var>``, ``<value_var>``, systemd's credentials directory."""
-    path = _get(env, file_var)
+    path = raw_value(env, file_var)
     if path is None:
-        cred_dir = _get(env, "CREDENTIALS_DIRECTORY")
+        cred_dir = raw_value(env, "CREDENTIALS_DIRECTORY")
         candidate = os.path.join(cred_dir, credential) if cred_dir else None
         if candidate and os.path.exists(candidate):
             path = candidate
     if path is not None:
         return read_secret_file(path, file_var)
-    return _get(env, value_var)
+    return raw_value(env, value_var)
 
 
 def read_secret_file(path: str, what: str) -> str:
@@ -122,7 +159,7 @@ def read_secret_file(path: str, what: str) -> str:
 
 
 def _readable_file(env: Mapping[str, str], name: str) -> str | None:
-    path = _get(env, name)
+    path = raw_value(env, name)
     if path is not None:
         try:
             with open(path, "rb"):
@@ -142,7 +179,7 @@ def tls_client_files(env: Mapping[str, str]) -> tuple[str | None, str | None, st
     cert_file = _readable_file(env, "GPU_BRIDGE_CLIENT_CERT_FILE")
     key_file = _readable_file(env, "GPU_BRIDGE_CLIENT_KEY_FILE")
     if key_file is None and cert_file is not None:
-        cred_dir = _get(env, "CREDENTIALS_DIRECTORY")
+        cred_dir = raw_value(env, "CREDENTIALS_DIRECTORY")
         candidate = os.path.join(cred_dir, CLIENT_KEY_CREDENTIAL) if cred_dir else None
         if candidate and os.path.exists(candidate):
             key_file = candidate
@@ -178,50 +215,33 @@ def split_host_port(entry: str, default_port: int) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class GpuServerSettings:
-    ollama_url: str = DEFAULT_OLLAMA_URL
+    ollama_url: str = field_for(OLLAMA_URL)
     api_token: str | None = None
-    allow_no_token: bool = False
-    allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES
-    ollama_connect_timeout: float = 2.0
-    ollama_read_timeout: float = 30.0
-    pull_stall_timeout: float = 300.0
-    max_concurrent_pulls: int = 2
-    max_queued_pulls: int = 16
-    max_waiting_pulls: int = 2
-    rate_limit_per_minute: int = 60
-    max_body_bytes: int = 64 * 1024
-    ollama_models_dir: str | None = None
-    min_free_bytes: int = 10 * 1024**3
-    metrics_public: bool = False
-    log_health_checks: bool = False
-    job_retention_seconds: float = 3600.0
+    allow_no_token: bool = field_for(ALLOW_NO_TOKEN)
+    allowed_registries: tuple[str, ...] = field_for(ALLOWED_REGISTRIES)
+    ollama_connect_timeout: float = field_for(OLLAMA_CONNECT_TIMEOUT)
+    ollama_read_timeout: float = field_for(OLLAMA_READ_TIMEOUT)
+    pull_stall_timeout: float = field_for(PULL_STALL_TIMEOUT)
+    max_concurrent_pulls: int = field_for(MAX_CONCURRENT_PULLS)
+    max_queued_pulls: int = field_for(MAX_QUEUED_PULLS)
+    max_waiting_pulls: int = field_for(MAX_WAITING_PULLS)
+    rate_limit_per_minute: int = field_for(RATE_LIMIT_PER_MINUTE)
+    max_body_bytes: int = field_for(MAX_BODY_BYTES)
+    ollama_models_dir: str | None = field_for(OLLAMA_MODELS_DIR)
+    min_free_bytes: int = field_for(MIN_FREE_GB, _gib_to_bytes)
+    metrics_public: bool = field_for(METRICS_PUBLIC)
+    log_health_checks: bool = field_for(LOG_HEALTH_CHECKS)
+    job_retention_seconds: float = field_for(JOB_RETENTION)
     # The job table on disk, so that a reload (SIGHUP) or a restart keeps pulls and their jobs
     # (job_state.py); None: jobs live in memory only.
-    job_state_file: str | None = None
+    job_state_file: str | None = field_for(JOB_STATE_FILE)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GpuServerSettings:
         env = os.environ if env is None else env
-        return cls(
-            ollama_url=env_str(env, "GPU_BRIDGE_OLLAMA_URL", DEFAULT_OLLAMA_URL).rstrip("/"),
-            api_token=read_secret(env, "GPU_BRIDGE_API_TOKEN_FILE", "GPU_BRIDGE_API_TOKEN", API_TOKEN_CREDENTIAL),
-            allow_no_token=env_bool(env, "GPU_BRIDGE_ALLOW_NO_TOKEN", False),
-            allowed_registries=env_list(env, "GPU_BRIDGE_ALLOWED_REGISTRIES", DEFAULT_ALLOWED_REGISTRIES),
-            ollama_connect_timeout=env_float(env, "GPU_BRIDGE_OLLAMA_CONNECT_TIMEOUT", 2.0, minimum=0.01),
-            ollama_read_timeout=env_float(env, "GPU_BRIDGE_OLLAMA_READ_TIMEOUT", 30.0, minimum=0.01),
-            pull_stall_timeout=env_float(env, "GPU_BRIDGE_PULL_STALL_TIMEOUT", 300.0, minimum=0.1),
-            max_concurrent_pulls=env_int(env, "GPU_BRIDGE_MAX_CONCURRENT_PULLS", 2, minimum=1),
-            max_queued_pulls=env_int(env, "GPU_BRIDGE_MAX_QUEUED_PULLS", 16, minimum=0),
-            max_waiting_pulls=env_int(env, "GPU_BRIDGE_MAX_WAITING_PULLS", 2, minimum=0),
-            rate_limit_per_minute=env_int(env, "GPU_BRIDGE_RATE_LIMIT_PER_MINUTE", 60, minimum=0),
-            max_body_bytes=env_int(env, "GPU_BRIDGE_MAX_BODY_BYTES", 64 * 1024, minimum=1024),
-            ollama_models_dir=_get(env, "GPU_BRIDGE_OLLAMA_MODELS_DIR"),
-            min_free_bytes=int(env_float(env, "GPU_BRIDGE_MIN_FREE_GB", 10.0) * 1024**3),
-            metrics_public=env_bool(env, "GPU_BRIDGE_METRICS_PUBLIC", False),
-            log_health_checks=env_bool(env, "GPU_BRIDGE_LOG_HEALTH_CHECKS", False),
-            job_retention_seconds=env_float(env, "GPU_BRIDGE_JOB_RETENTION", 3600.0),
-            job_state_file=_get(env, "GPU_BRIDGE_JOB_STATE_FILE"),
-        )
+        fields = read_fields(cls, env)
+        return cls(api_token=read_secret(env, "GPU_BRIDGE_API_TOKEN_FILE", "GPU_BRIDGE_API_TOKEN",
+                                         API_TOKEN_CREDENTIAL), **fields)
 
 
 @dataclass(frozen=True)
@@ -230,7 +250,7 @@ class GpuHost:
 
     name: str
     port: int = DEFAULT_GPU_PORT
-    scheme: str = "http"
+    scheme: str = GPU_SCHEME.default
 
     @property
     def base_url(self) -> str:
@@ -243,11 +263,9 @@ class GpuHost:
 
 
 def parse_gpu_hosts(env: Mapping[str, str]) -> tuple[GpuHost, ...]:
-    port = env_int(env, "GPU_BRIDGE_GPU_PORT", DEFAULT_GPU_PORT, minimum=1)
-    scheme = env_str(env, "GPU_BRIDGE_GPU_SCHEME", "http")
-    if scheme not in ("http", "https"):
-        raise ConfigError(f"GPU_BRIDGE_GPU_SCHEME={scheme!r} must be http or https")
-    raw = _get(env, "GPU_INSTANCE_HOSTS") or _get(env, "GPU_INSTANCE_HOST") or ""
+    port = GPU_PORT.read(env)
+    scheme = GPU_SCHEME.read(env)
+    raw = raw_value(env, "GPU_INSTANCE_HOSTS") or raw_value(env, "GPU_INSTANCE_HOST") or ""
     hosts: list[GpuHost] = []
     for entry in raw.split(","):
         if entry.strip():
@@ -262,15 +280,15 @@ def parse_gpu_hosts(env: Mapping[str, str]) -> tuple[GpuHost, ...]:
 class ClientSettings:
     hosts: tuple[GpuHost, ...] = ()
     api_token: str | None = None
-    connect_timeout: float = 3.0
-    read_timeout: float = 30.0
-    pull_timeout: float = 300.0
-    retries: int = 2
-    breaker_threshold: int = 3
-    breaker_cooldown: float = 15.0
-    transport: str = "http"
-    fanout_deadline: float = 2.5
-    pull_deadline: float = 0.0
+    connect_timeout: float = field_for(CONNECT_TIMEOUT)
+    read_timeout: float = field_for(READ_TIMEOUT)
+    pull_timeout: float = field_for(PULL_TIMEOUT)
+    retries: int = field_for(RETRIES)
+    breaker_threshold: int = field_for(BREAKER_THRESHOLD)
+    breaker_cooldown: float = field_for(BREAKER_COOLDOWN)
+    transport: str = field_for(TRANSPORT)
+    fanout_deadline: float = field_for(FANOUT_DEADLINE)
+    pull_deadline: float = field_for(PULL_DEADLINE)
     # TLS towards the GPU hosts (https): the CA bundle that signed their certificates (None: the
     # system's bundle), and this client's certificate and key for mutual TLS (None: no certificate).
     ca_file: str | None = None
@@ -280,83 +298,78 @@ class ClientSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
         env = os.environ if env is None else env
-        transport = env_str(env, "GPU_BRIDGE_TRANSPORT", "http").lower()
-        if transport not in ("http", "nfs"):
-            raise ConfigError(f"GPU_BRIDGE_TRANSPORT={transport!r} must be http or nfs")
+        fields = read_fields(cls, env)  # first, as before: a bad transport is named before the TLS files
         ca_file, cert_file, key_file = tls_client_files(env)
         return cls(
             hosts=parse_gpu_hosts(env),
             api_token=read_secret(env, "GPU_BRIDGE_API_TOKEN_FILE", "GPU_BRIDGE_API_TOKEN", API_TOKEN_CREDENTIAL),
-            connect_timeout=env_float(env, "GPU_BRIDGE_CONNECT_TIMEOUT", 3.0, minimum=0.01),
-            read_timeout=env_float(env, "GPU_BRIDGE_READ_TIMEOUT", 30.0, minimum=0.01),
-            pull_timeout=env_float(env, "GPU_BRIDGE_PULL_TIMEOUT", 300.0, minimum=0.01),
-            retries=env_int(env, "GPU_BRIDGE_RETRIES", 2, minimum=0),
-            breaker_threshold=env_int(env, "GPU_BRIDGE_BREAKER_THRESHOLD", 3, minimum=1),
-            breaker_cooldown=env_float(env, "GPU_BRIDGE_BREAKER_COOLDOWN", 15.0),
-            transport=transport,
-            fanout_deadline=env_float(env, "GPU_BRIDGE_FANOUT_DEADLINE", 2.5, minimum=0.05),
-            pull_deadline=env_float(env, "GPU_BRIDGE_PULL_DEADLINE", 0.0, minimum=0.0),
             ca_file=ca_file,
             client_cert_file=cert_file,
             client_key_file=key_file,
+            **fields,
         )
 
 
 @dataclass(frozen=True)
 class NfsSettings:
-    root: str = DEFAULT_NFS_ROOT
+    root: str = field_for(NFS_ROOT)
     host_id: str = field(default_factory=socket.gethostname)
-    poll_interval: float = 0.05
-    heartbeat_interval: float = 2.0
-    command_timeout: float = 30.0
-    answer_retention: float = 3600.0
+    poll_interval: float = field_for(NFS_POLL_INTERVAL)
+    heartbeat_interval: float = field_for(NFS_HEARTBEAT_INTERVAL)
+    command_timeout: float = field_for(NFS_COMMAND_TIMEOUT)
+    answer_retention: float = field_for(NFS_ANSWER_RETENTION)
     # Worker side: refuse to run unless the root (or an ancestor other than /) is a mount point.
-    require_mount: bool = True
+    require_mount: bool = field_for(NFS_REQUIRE_MOUNT)
     # Worker side: how often models.json is rewritten from Ollama's list (also after pull/delete).
-    models_refresh_interval: float = 5.0
+    models_refresh_interval: float = field_for(NFS_MODELS_REFRESH)
     # Worker side: optional local file, one JSON line per command executed/answered (audit, tests).
-    audit_log: str | None = None
+    audit_log: str | None = field_for(NFS_AUDIT_LOG)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NfsSettings:
         env = os.environ if env is None else env
-        return cls(
-            root=env_str(env, "GPU_BRIDGE_NFS_ROOT", DEFAULT_NFS_ROOT),
-            host_id=env_str(env, "GPU_BRIDGE_NFS_HOST_ID", socket.gethostname()),
-            poll_interval=env_float(env, "GPU_BRIDGE_NFS_POLL_INTERVAL", 0.05, minimum=0.001),
-            heartbeat_interval=env_float(env, "GPU_BRIDGE_NFS_HEARTBEAT_INTERVAL", 2.0, minimum=0.05),
-            command_timeout=env_float(env, "GPU_BRIDGE_NFS_COMMAND_TIMEOUT", 30.0, minimum=0.1),
-            answer_retention=env_float(env, "GPU_BRIDGE_NFS_ANSWER_RETENTION", 3600.0),
-            require_mount=env_bool(env, "GPU_BRIDGE_NFS_REQUIRE_MOUNT", True),
-            models_refresh_interval=env_float(env, "GPU_BRIDGE_NFS_MODELS_REFRESH", 5.0, minimum=0.05),
-            audit_log=_get(env, "GPU_BRIDGE_NFS_AUDIT_LOG"),
-        )
+        # The host id's default is this machine's name, known only at run time.
+        return cls(host_id=NFS_HOST_ID.read(env) or socket.gethostname(), **read_fields(cls, env))
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long the backend keeps audit entries and finished pulls (days; 0 keeps them forever)."""
+
+    audit_days: int = field_for(AUDIT_RETENTION_DAYS)
+    pull_days: int = field_for(PULL_RETENTION_DAYS)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RetentionSettings:
+        return cls(**read_fields(cls, os.environ if env is None else env))
 
 
 @dataclass(frozen=True)
 class BackendSettings:
-    database_url: str = DEFAULT_DATABASE_URL
+    database_url: str = field_for(DATABASE_URL)
     admin_token: str | None = None
-    bind: str = DEFAULT_BACKEND_BIND
-    cache_max_age: float = 10.0
-    max_body_bytes: int = 64 * 1024
+    bind: str = field_for(BACKEND_BIND)
+    cache_max_age: float = field_for(CACHE_MAX_AGE)
+    max_body_bytes: int = field_for(MAX_BODY_BYTES)
+    metrics_public: bool = field_for(METRICS_PUBLIC)  # /metrics without the admin token, as on the GPU server
     # The GPU servers' allow-list, checked here too: a pull the GPU hosts would refuse is refused
     # before any host is asked, and the published document can say which names are accepted.
-    allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES
+    allowed_registries: tuple[str, ...] = field_for(ALLOWED_REGISTRIES)
     client: ClientSettings = field(default_factory=ClientSettings)
     nfs: NfsSettings = field(default_factory=NfsSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    declared_models_file: str | None = field_for(DECLARED_MODELS_FILE)
+    drift_interval: float = field_for(DRIFT_INTERVAL)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BackendSettings:
         env = os.environ if env is None else env
+        fields = read_fields(cls, env)
         return cls(
-            database_url=env_str(env, "GPU_BRIDGE_DATABASE_URL", DEFAULT_DATABASE_URL),
             admin_token=read_secret(env, "GPU_BRIDGE_BACKEND_TOKEN_FILE", "GPU_BRIDGE_BACKEND_TOKEN",
                                     BACKEND_TOKEN_CREDENTIAL),
-            bind=env_str(env, "GPU_BRIDGE_BACKEND_BIND", DEFAULT_BACKEND_BIND),
-            cache_max_age=env_float(env, "GPU_BRIDGE_CACHE_MAX_AGE", 10.0),
-            max_body_bytes=env_int(env, "GPU_BRIDGE_MAX_BODY_BYTES", 64 * 1024, minimum=1024),
-            allowed_registries=env_list(env, "GPU_BRIDGE_ALLOWED_REGISTRIES", DEFAULT_ALLOWED_REGISTRIES),
             client=ClientSettings.from_env(env),
             nfs=NfsSettings.from_env(env),
+            retention=RetentionSettings.from_env(env),
+            **fields,
         )

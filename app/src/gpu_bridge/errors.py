@@ -7,6 +7,14 @@ Every failure that can reach a client is a ``GpuBridgeError`` subclass carrying 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+# An error's JSON body: "error", "code", maybe "host", plus whatever ``extra`` carries. The values are
+# Any because ``extra`` holds JSON chosen by the raiser (a job snapshot, a response body): readers
+# such as the CLI check the fields they take.
+ErrorBody = dict[str, Any]
+
 
 class GpuBridgeError(Exception):
     """Base class: a message for humans, a code for programs, an HTTP status for servers."""
@@ -18,7 +26,7 @@ class GpuBridgeError(Exception):
     retried: bool
 
     def __init__(self, message: str, *, host: str | None = None, status: int | None = None,
-                 code: str | None = None, extra: dict | None = None):
+                 code: str | None = None, extra: Mapping[str, Any] | None = None):
         super().__init__(message)
         self.message = message
         self.host = host
@@ -26,10 +34,10 @@ class GpuBridgeError(Exception):
             self.status = status
         if code is not None:
             self.code = code
-        self.extra = dict(extra or {})
+        self.extra: ErrorBody = dict(extra or {})
 
-    def to_dict(self) -> dict:
-        body = {"error": self.message, "code": self.code}
+    def to_dict(self) -> ErrorBody:
+        body: ErrorBody = {"error": self.message, "code": self.code}
         if self.host is not None:
             body["host"] = self.host
         body.update(self.extra)
@@ -94,8 +102,9 @@ class RateLimited(GpuBridgeError):
     status = 429
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: int = 1, **kw):
-        super().__init__(message, **kw)
+    def __init__(self, message: str, *, retry_after: float = 1, host: str | None = None, status: int | None = None,
+                 code: str | None = None, extra: Mapping[str, Any] | None = None):
+        super().__init__(message, host=host, status=status, code=code, extra=extra)
         self.retry_after = max(1, int(retry_after))
 
 

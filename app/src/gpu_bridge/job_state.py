@@ -28,8 +28,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from types import TracebackType
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+# One job as ``Job.to_record()`` wrote it (and a restarted worker reads it back): a JSON object whose
+# fields ``Job.from_record`` checks one by one, since the file may be stale or edited.
+JobRecord = dict[str, Any]
 
 FORMAT_VERSION = 1
 PROGRESS_INTERVAL = 1.0  # seconds between two writes caused by progress alone
@@ -49,7 +55,7 @@ class JobStateFile:
         self._warned_at = 0.0
 
     # --- reading and claiming --------------------------------------------------------------------
-    def claim(self) -> list[dict]:
+    def claim(self) -> list[JobRecord]:
         """Become the file's only writer and return the jobs it holds (empty when absent or unreadable)."""
         with self._lock:
             try:
@@ -66,7 +72,7 @@ class JobStateFile:
             self._last_write = time.monotonic()
             return jobs
 
-    def _read(self) -> dict | None:
+    def _read(self) -> dict[str, Any] | None:
         try:
             with open(self.path, "rb") as fh:
                 data = fh.read(MAX_STATE_BYTES + 1)
@@ -89,7 +95,7 @@ class JobStateFile:
         return doc
 
     # --- writing ---------------------------------------------------------------------------------
-    def save(self, snapshot: Callable[[], list[dict]], *, force: bool) -> bool:
+    def save(self, snapshot: Callable[[], list[JobRecord]], *, force: bool) -> bool:
         """Write ``snapshot()`` unless throttled (``force``: a state change, always written) or superseded."""
         with self._lock:
             if self.superseded:
@@ -115,7 +121,7 @@ class JobStateFile:
             self._last_write = now
             return True
 
-    def _write(self, jobs: list[dict]) -> None:
+    def _write(self, jobs: list[JobRecord]) -> None:
         directory = os.path.dirname(self.path)
         doc = {"version": FORMAT_VERSION, "owner": self.owner, "pid": os.getpid(), "written_at": time.time(),
                "jobs": jobs}
@@ -133,7 +139,7 @@ class JobStateFile:
                 pass
             raise
 
-    def _flock(self):
+    def _flock(self) -> _FileLock:
         return _FileLock(self.path + ".lock")
 
 
@@ -144,12 +150,13 @@ class _FileLock:
         self.path = path
         self.fd: int | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> _FileLock:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)

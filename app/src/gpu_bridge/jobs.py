@@ -1,4 +1,4 @@
-"""Pull jobs: one download per model, a bounded queue, live progress, cancel and stall detection.
+"""Jobs: pulls (one download per model, live progress, stall detection) and loads into GPU memory.
 
 State lives in memory, in the one process that serves the GPU host: gunicorn runs one worker
 process with threads (docs/architecture.md, "Why one gunicorn process with threads"), so every
@@ -17,6 +17,13 @@ ids: Ollama keeps partial downloads and resumes them. Without one, a restart for
   phase is silent, so neither line arrival nor a read timeout reveals a stall. A watchdog fails a
   job whose downloaded bytes have not grown (and whose status has not moved to a new phase) for
   ``stall_timeout`` seconds, and cancels its Ollama stream.
+
+One job (states, progress, its JSON forms) is ``pull_job.Job``; its names are re-exported here.
+
+Loads (``kind="load"``, ``load_job.py``) share the table, the ids, the state file, cancel and
+retention; they have runner slots and a queue of their own (the same limits), so a load never waits
+behind hours of downloads, and no stall watchdog (a load has no byte progress; its request to Ollama
+is bounded instead). The free-space rule of new pulls is ``disk_space.check_free_space``.
 """
 
 from __future__ import annotations
@@ -24,27 +31,24 @@ from __future__ import annotations
 import builtins
 import logging
 import math
-import os
-import re
-import shutil
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import overload
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
-from . import names
-from .errors import Conflict, GpuBridgeError, InsufficientStorage, JobNotFound, OllamaError, PullStalled, QueueFull
-from .job_state import JobStateFile
+from . import names, pull_job
+from .disk_space import check_free_space
+from .errors import Conflict, GpuBridgeError, JobNotFound, OllamaError, PullStalled, QueueFull
+from .job_state import JobRecord, JobStateFile
+from .load_job import LOADING, LoadAdapter, run_load
+from .pull_job import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, Job, iso
+
+__all__ = ["ACTIVE", "CANCELLED", "FAILED", "QUEUED", "QUEUE_RETRY_AFTER", "READ_TIMEOUT_MARGIN", "RUNNING",
+           "STATES", "SUCCEEDED", "TERMINAL", "Job", "JobAdapter", "JobManager", "PullAdapter", "check_free_space",
+           "iso"]
 
 log = logging.getLogger(__name__)
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-ACTIVE = frozenset({QUEUED, RUNNING})
 # Seconds a refused caller is told to wait (Retry-After) when the queue is full.
 QUEUE_RETRY_AFTER = 10
 # A pull stream may be silent this much longer than the stall timeout before its read times out:
@@ -52,142 +56,25 @@ QUEUE_RETRY_AFTER = 10
 READ_TIMEOUT_MARGIN = 30.0
 
 
-def check_free_space(directory: str | None, min_free_bytes: int, where: str = "") -> None:
-    """Refuse a new pull (InsufficientStorage, 507) when Ollama's models directory has less than
-    ``min_free_bytes`` free (GPU_BRIDGE_MIN_FREE_GB); shared by the HTTP server and the NFS worker.
+class PullAdapter(Protocol):
+    """What the manager needs of ``ollama.OllamaAdapter`` (tests pass a scripted fake)."""
 
-    A directory that does not exist yet is measured at its nearest existing parent: Ollama creates
-    it on its first pull. An unreadable file system only logs: the check protects, it must not block.
-    """
-    if not directory or min_free_bytes <= 0:
-        return
-    path = os.path.abspath(directory)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    try:
-        free = shutil.disk_usage(path).free
-    except OSError as exc:
-        log.warning("cannot check free space in %s: %s", directory, exc)
-        return
-    if free < min_free_bytes:
-        gib = 1024**3
-        raise InsufficientStorage(f"only {free / gib:.1f} GiB free in {directory}{where}; a pull needs at least "
-                                  f"{min_free_bytes / gib:.1f} GiB (GPU_BRIDGE_MIN_FREE_GB): delete models first")
+    def pull(self, name: str, *, cancel: threading.Event | None = None,
+             read_timeout: float | None = None) -> Iterator[dict[str, Any]]: ...
 
 
-@overload
-def iso(ts: float) -> str: ...
-@overload
-def iso(ts: None) -> None: ...
-@overload
-def iso(ts: float | None) -> str | None: ...
-def iso(ts: float | None) -> str | None:
-    """Epoch seconds → ISO 8601 UTC (``2025-05-04T17:37:44.706Z``), None stays None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class Job:
-    """One pull. Read it with ``to_dict()``; the manager alone changes it (under its lock)."""
-
-    def __init__(self, model: str, key: str, *, lock: threading.RLock | None = None, job_id: str | None = None):
-        now = time.time()
-        self.id = job_id or uuid.uuid4().hex
-        self.model = model
-        self.key = key
-        self.state = QUEUED
-        self.status: str | None = None
-        self.error: str | None = None
-        self.error_code: str | None = None
-        self.error_status: int | None = None  # HTTP status of the error, for ``?wait=true`` answers
-        self.created_at = now
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.updated_at = now
-        self._lock = lock or threading.RLock()
-        self._layers: dict[str, tuple[int, int]] = {}  # digest -> (completed, total)
-        self._best_completed = 0
-        self._seen_status: set[str] = set()
-        self._last_advance = time.monotonic()
-        self._succeeded = False
-        self._stalled = False
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._saved_state: str | None = None  # the state last written to the state file
-        self.resumed = 0  # how many times a new process took this pull over (reloads, restarts)
-
-    @property
-    def completed(self) -> int:
-        with self._lock:
-            return sum(c for c, _ in self._layers.values())
-
-    @property
-    def total(self) -> int:
-        with self._lock:
-            return sum(t for _, t in self._layers.values())
-
-    @property
-    def finished(self) -> bool:
-        return self.state in TERMINAL
-
-    def to_dict(self) -> dict:
-        """The Job object of docs/architecture.md."""
-        with self._lock:
-            completed, total = self.completed, self.total
-            if self.state == SUCCEEDED:
-                percent: float | None = 100.0
-            elif total > 0:
-                percent = round(min(100.0, 100.0 * completed / total), 1)
-            else:
-                percent = None
-            return {
-                "id": self.id,
-                "model": self.model,
-                "state": self.state,
-                "completed": completed,
-                "total": total,
-                "percent": percent,
-                "status": self.status,
-                "error": self.error,
-                "error_code": self.error_code,
-                "created_at": iso(self.created_at),
-                "started_at": iso(self.started_at),
-                "finished_at": iso(self.finished_at),
-                "updated_at": iso(self.updated_at),
-            }
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id} {self.model} {self.state}>"
-
-    def to_record(self) -> dict:
-        """What the state file keeps of a job (``from_record`` reads it back)."""
-        with self._lock:
-            return {"id": self.id, "model": self.model, "state": self.state, "status": self.status,
-                    "error": self.error, "error_code": self.error_code, "error_status": self.error_status,
-                    "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
-                    "updated_at": self.updated_at, "resumed": self.resumed,
-                    "layers": {digest: [c, t] for digest, (c, t) in self._layers.items()}}
-
-
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def _number(value, default=None):
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
-        else default
-
-
-def _text(value, limit: int = 2000) -> str | None:
-    return value[:limit] if isinstance(value, str) else None
+class JobAdapter(PullAdapter, LoadAdapter, Protocol):
+    """Pulls and loads: what ``ollama.OllamaAdapter`` offers the manager."""
 
 
 class JobManager:
-    """Runs pulls through an ``OllamaAdapter``-like object (anything with ``pull(name, cancel=, read_timeout=)``)."""
+    """Runs pulls and loads through an ``OllamaAdapter``-like object (``pull(name, cancel=, read_timeout=)``,
+    ``load(name, keep_alive=, cancel=, read_timeout=)``)."""
 
-    def __init__(self, adapter, *, max_concurrent: int = 2, max_queued: int = 16, stall_timeout: float = 300.0,
-                 retention: float = 3600.0, on_change: Callable[[Job], None] | None = None,
-                 state: JobStateFile | None = None, allowed_registries: tuple[str, ...] | None = None):
+    def __init__(self, adapter: JobAdapter, *, max_concurrent: int = 2, max_queued: int = 16,
+                 stall_timeout: float = 300.0, retention: float = 3600.0,
+                 on_change: Callable[[Job], None] | None = None, state: JobStateFile | None = None,
+                 allowed_registries: tuple[str, ...] | None = None):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         self.adapter = adapter
@@ -199,8 +86,9 @@ class JobManager:
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}  # creation order
         self._active: dict[str, Job] = {}  # dedupe key -> queued or running job
-        self._pending: deque[Job] = deque()
-        self._runners = 0  # runner threads alive (each runs one job at a time)
+        # Per kind: jobs waiting for a runner, and runner threads alive (each runs one job at a time).
+        self._pending: dict[str, deque[Job]] = {kind: deque() for kind in pull_job.KINDS}
+        self._runners: dict[str, int] = dict.fromkeys(pull_job.KINDS, 0)
         self._stop = threading.Event()
         self._state = state
         self._allowed_registries = allowed_registries
@@ -214,10 +102,13 @@ class JobManager:
     def key_for(model: str) -> str:
         return names.parse(model).full.lower()
 
-    def submit(self, model: str) -> tuple[Job, bool]:
-        """Start (or queue) a pull; ``(job, True)`` when an active pull of the same model was joined."""
+    def submit(self, model: str, *, kind: str = pull_job.PULL, keep_alive: float | None = None) -> tuple[Job, bool]:
+        """Start (or queue) a pull, or a load with ``kind=LOAD`` (``keep_alive`` seconds, -1 forever);
+        ``(job, True)`` when an active job of the same kind, model (and keep_alive) was joined."""
         parsed = names.parse(model)
-        key = parsed.full.lower()
+        key = pull_job.job_key(kind, parsed.full, keep_alive)
+        pending = self._pending[kind]
+        what = "pulls" if kind == pull_job.PULL else "loads"
         with self._lock:
             if self._stop.is_set():
                 raise GpuBridgeError("the GPU server is shutting down", status=503, code="shutting_down")
@@ -225,25 +116,25 @@ class JobManager:
             job = self._active.get(key)
             if job is not None:
                 return job, True
-            start_runner = self._runners < self.max_concurrent
-            if not start_runner and len(self._pending) >= self.max_queued:
-                raise QueueFull(f"{self.max_concurrent} pulls are running and {len(self._pending)} are queued "
+            start_runner = self._runners[kind] < self.max_concurrent
+            if not start_runner and len(pending) >= self.max_queued:
+                raise QueueFull(f"{self.max_concurrent} {what} are running and {len(pending)} are queued "
                                 f"(limit {self.max_queued}); try again later", retry_after=QUEUE_RETRY_AFTER)
-            job = Job(parsed.display, key, lock=self._lock)
+            job = Job(parsed.display, key, lock=self._lock, kind=kind, keep_alive=keep_alive)
             self._jobs[job.id] = job
             self._active[key] = job
             if start_runner:
-                self._runners += 1
+                self._runners[kind] += 1
             else:
-                self._pending.append(job)
-        log.info("pull job %s for %s %s", job.id, job.model, "started" if start_runner else "queued")
+                pending.append(job)
+        log.info("%s job %s for %s %s", kind, job.id, job.model, "started" if start_runner else "queued")
         self._notify(job)
         if start_runner:
             threading.Thread(target=self._runner, args=(job,), name=f"pull-{job.id[:8]}", daemon=True).start()
         return job, False
 
     def find_active(self, model: str) -> Job | None:
-        """The queued or running job for ``model``, if any."""
+        """The queued or running pull of ``model``, if any."""
         key = self.key_for(model)
         with self._lock:
             return self._active.get(key)
@@ -262,19 +153,20 @@ class JobManager:
             return list(reversed(self._jobs.values()))
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel a queued or running pull (its Ollama stream is closed); ``Conflict`` if it finished."""
+        """Cancel a queued or running job (its Ollama request is closed); ``Conflict`` if it finished."""
         with self._lock:
             job = self.get(job_id)
             if job.state in TERMINAL:
-                raise Conflict(f"job {job_id} has already {job.state}; only queued or running pulls can be cancelled")
+                raise Conflict(f"job {job_id} has already {job.state}; only queued or running jobs can be cancelled")
             if job.state == QUEUED:
                 try:
-                    self._pending.remove(job)
+                    self._pending[job.kind].remove(job)
                 except ValueError:
                     pass
-            self._finish_locked(job, CANCELLED, error="pull cancelled by request", code="cancelled", status=409)
+            self._finish_locked(job, CANCELLED, error=f"{job.kind} cancelled by request", code="cancelled",
+                                status=409)
             job._cancel.set()
-        log.info("pull job %s for %s cancelled", job.id, job.model)
+        log.info("%s job %s for %s cancelled", job.kind, job.id, job.model)
         self._notify(job)
         job._done.set()
         return job
@@ -285,10 +177,11 @@ class JobManager:
         job._done.wait(timeout)
         return job
 
-    def counts(self) -> dict:
+    def counts(self, kind: str = pull_job.PULL) -> dict[str, int]:
+        """``{"running", "queued"}`` of one kind (health's and the metrics' ``pulls``: pulls only)."""
         with self._lock:
-            running = sum(1 for j in self._active.values() if j.state == RUNNING)
-            queued = sum(1 for j in self._active.values() if j.state == QUEUED)
+            running = sum(1 for j in self._active.values() if j.state == RUNNING and j.kind == kind)
+            queued = sum(1 for j in self._active.values() if j.state == QUEUED and j.kind == kind)
         return {"running": running, "queued": queued}
 
     def shutdown(self, timeout: float = 2.0) -> None:
@@ -297,7 +190,8 @@ class JobManager:
         self._stop.set()
         with self._lock:
             active = list(self._active.values())
-            self._pending.clear()
+            for pending in self._pending.values():
+                pending.clear()
             for job in active:
                 self._finish_locked(job, CANCELLED, error="the GPU server shut down", code="cancelled", status=409)
                 job._cancel.set()
@@ -312,11 +206,13 @@ class JobManager:
             try:
                 self._execute(job)
             except Exception:  # noqa: BLE001 - a runner must never die holding a slot
-                log.exception("pull runner failed on job %s", job.id)
+                log.exception("%s runner failed on job %s", job.kind, job.id)
+            kind = job.kind
             with self._lock:
-                job = self._pending.popleft() if self._pending and not self._stop.is_set() else None
+                pending = self._pending[kind]
+                job = pending.popleft() if pending and not self._stop.is_set() else None
                 if job is None:
-                    self._runners -= 1
+                    self._runners[kind] -= 1
 
     def _execute(self, job: Job) -> None:
         with self._lock:
@@ -326,7 +222,17 @@ class JobManager:
             job.updated_at = time.time()
             job.started_at = job.started_at or job.updated_at  # a resumed pull keeps its first start
             job._last_advance = time.monotonic()
+            if job.kind == pull_job.LOAD:
+                job.status = LOADING
         self._notify(job)
+        if job.kind == pull_job.LOAD:
+            error = run_load(self.adapter, job, self.stall_timeout)
+        else:
+            error = self._pull(job)
+        self._finish_run(job, error)
+
+    def _pull(self, job: Job) -> GpuBridgeError | None:
+        """Stream the pull into the job's progress; the error that ended it, if any."""
         error: GpuBridgeError | None = None
         try:
             stream = self.adapter.pull(job.model, cancel=job._cancel,
@@ -339,6 +245,9 @@ class JobManager:
         except Exception as exc:  # noqa: BLE001 - reported on the job, traceback in the log
             log.exception("unexpected error while pulling %s", job.model)
             error = OllamaError(f"unexpected error while pulling: {type(exc).__name__}")
+        return error
+
+    def _finish_run(self, job: Job, error: GpuBridgeError | None) -> None:
         with self._lock:
             if job.state in TERMINAL:  # cancelled by request or by shutdown meanwhile
                 return
@@ -351,15 +260,15 @@ class JobManager:
             elif error is not None:
                 self._finish_error_locked(job, error)
             elif job._cancel.is_set():
-                self._finish_locked(job, CANCELLED, error="pull cancelled", code="cancelled", status=409)
+                self._finish_locked(job, CANCELLED, error=f"{job.kind} cancelled", code="cancelled", status=409)
             else:
-                self._finish_error_locked(job, OllamaError(f"the pull of {job.model!r} ended without success"))
-        log.info("pull job %s for %s %s%s", job.id, job.model, job.state,
+                self._finish_error_locked(job, OllamaError(f"the {job.kind} of {job.model!r} ended without success"))
+        log.info("%s job %s for %s %s%s", job.kind, job.id, job.model, job.state,
                  f": {job.error_code}: {job.error}" if job.error else "")
         self._notify(job)
         job._done.set()  # after the listeners: whoever waits sees a job they have already been told about
 
-    def _apply(self, job: Job, event: dict) -> None:
+    def _apply(self, job: Job, event: dict[str, Any]) -> None:
         with self._lock:
             status = event.get("status")
             if isinstance(status, str) and status:
@@ -403,7 +312,7 @@ class JobManager:
             now = time.monotonic()
             with self._lock:
                 for job in self._active.values():
-                    if job.state == RUNNING and not job._cancel.is_set() \
+                    if job.state == RUNNING and job.kind == pull_job.PULL and not job._cancel.is_set() \
                             and now - job._last_advance > self.stall_timeout:
                         log.warning("pull job %s for %s stalled: no progress for %.1f s; stopping it",
                                     job.id, job.model, now - job._last_advance)
@@ -431,7 +340,7 @@ class JobManager:
             return  # shutting down: the file keeps the pulls active for the next process
         force = job.state != job._saved_state
 
-        def snapshot() -> list[dict]:
+        def snapshot() -> list[JobRecord]:
             with self._lock:
                 self._prune_locked()
                 records = []
@@ -445,45 +354,22 @@ class JobManager:
         except Exception:  # noqa: BLE001 - the file serves reloads; it must never break a pull
             log.exception("could not save the job state file")
 
-    def _restore(self, records: builtins.list[dict]) -> None:  # list: the method above shadows the builtin
+    def _restore(self, records: builtins.list[JobRecord]) -> None:  # list: the method above shadows the builtin
         """Take over the jobs a previous process left: finished ones are shown until their retention
         ends; queued and running ones are pulled again under the same id (Ollama resumes the bytes)."""
         now = time.time()
         resumed: list[Job] = []
         with self._lock:
-            for record in sorted(records, key=lambda r: _number(r.get("created_at"), 0.0)):
-                job_id, model, state = record.get("id"), record.get("model"), record.get("state")
-                if not (isinstance(job_id, str) and _JOB_ID.match(job_id) and isinstance(model, str)
-                        and state in STATES) or job_id in self._jobs:
+            for record in sorted(records, key=_created_at):
+                got = Job.from_record(record, lock=self._lock, now=now, allowed_registries=self._allowed_registries)
+                if got is None or got[0].id in self._jobs:
                     log.warning("job state file: skipping a malformed job record")
                     continue
-                try:
-                    parsed = names.validate(model, self._allowed_registries)
-                    error: GpuBridgeError | None = None
-                except GpuBridgeError as exc:
-                    parsed, error = None, exc
-                key = parsed.full.lower() if parsed is not None else model[:300].lower()
-                job = Job(parsed.display if parsed is not None else model[:300], key, lock=self._lock, job_id=job_id)
-                job.created_at = _number(record.get("created_at"), now)
-                job.started_at = _number(record.get("started_at"))
-                job.finished_at = _number(record.get("finished_at"))
-                job.updated_at = _number(record.get("updated_at"), now)
-                job.status = _text(record.get("status"))
-                job.resumed = int(_number(record.get("resumed"), 0) or 0)
-                layers = record.get("layers")
-                if isinstance(layers, dict):
-                    for digest, pair in list(layers.items())[:1000]:
-                        if isinstance(digest, str) and isinstance(pair, list) and len(pair) == 2:
-                            completed, total = (int(_number(x, 0) or 0) for x in pair)
-                            job._layers[digest[:200]] = (max(0, completed), max(0, total))
-                job._best_completed = job.completed
+                job, state, error = got
                 if state in TERMINAL:
                     if job.finished_at is None or job.finished_at < now - self.retention:
                         continue
                     job.state = state
-                    job.error, job.error_code = _text(record.get("error")), _text(record.get("error_code"), 100)
-                    status = record.get("error_status")
-                    job.error_status = status if isinstance(status, int) and 400 <= status < 600 else None
                     job._done.set()
                     self._jobs[job.id] = job
                     continue
@@ -492,25 +378,33 @@ class JobManager:
                     log.warning("not resuming pull job %s of %r: %s: %s", job.id, job.model, error.code, error.message)
                     self._finish_error_locked(job, error)
                     job._done.set()
-                elif key in self._active:
+                elif job.key in self._active:
                     self._finish_locked(job, CANCELLED, error="a duplicate of another pull of the same model",
                                         code="cancelled", status=409)
                     job._done.set()
                 else:
                     job.state = QUEUED
                     job.resumed += 1
-                    self._active[key] = job
+                    self._active[job.key] = job
                     resumed.append(job)
         for job in resumed:
-            log.info("resuming pull job %s of %s left by the previous worker process (reload or restart)",
-                     job.id, job.model)
+            log.info("resuming %s job %s of %s left by the previous worker process (reload or restart)",
+                     job.kind, job.id, job.model)
             with self._lock:
-                start_runner = self._runners < self.max_concurrent
+                start_runner = self._runners[job.kind] < self.max_concurrent
                 if start_runner:
-                    self._runners += 1
+                    self._runners[job.kind] += 1
                 else:
-                    self._pending.append(job)
+                    self._pending[job.kind].append(job)
             if start_runner:
                 threading.Thread(target=self._runner, args=(job,), name=f"pull-{job.id[:8]}", daemon=True).start()
         if self._jobs:
             self._persist(next(iter(self._jobs.values())))
+
+
+def _created_at(record: JobRecord) -> float:
+    """Sort key: a record's creation time, 0 when it has none (restored oldest first)."""
+    value = record.get("created_at")
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return 0.0

@@ -25,8 +25,9 @@ import logging
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime
+from typing import Any
 
 import requests
 from urllib3.exceptions import HTTPError, ReadTimeoutError
@@ -41,8 +42,14 @@ from .errors import (
     OllamaTimeout,
     OllamaUnavailable,
 )
+from .ollama_loaded import LoadedModelsApi
 
 log = logging.getLogger(__name__)
+
+# A JSON object, as this module hands normalised entries on: they travel unchanged into HTTP bodies,
+# the spool's models.json and job snapshots, whose code treats them as JSON. Each normaliser's
+# docstring gives the exact keys; the values are plain JSON (str, int, list, nested objects).
+JsonDict = dict[str, Any]
 
 # A pull stream's read timeout when the caller gives none: long enough for the silent verify phase
 # of a big model. Callers with a stall timeout pass ``read_timeout >= stall_timeout``.
@@ -72,21 +79,22 @@ def _as_str(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _normalise_details(raw: object) -> dict:
-    raw = raw if isinstance(raw, dict) else {}
-    families = raw.get("families")
+def _normalise_details(raw: object) -> JsonDict:
+    """``details`` with exactly the six known keys (strings, ``families`` a list of strings)."""
+    fields: Mapping[str, object] = raw if isinstance(raw, dict) else {}
+    families = fields.get("families")
     return {
-        "parent_model": _as_str(raw.get("parent_model")),
-        "format": _as_str(raw.get("format")),
-        "family": _as_str(raw.get("family")),
+        "parent_model": _as_str(fields.get("parent_model")),
+        "format": _as_str(fields.get("format")),
+        "family": _as_str(fields.get("family")),
         # null in Ollama's JSON for some models: always a list here
         "families": [f for f in families if isinstance(f, str)] if isinstance(families, list) else [],
-        "parameter_size": _as_str(raw.get("parameter_size")),
-        "quantization_level": _as_str(raw.get("quantization_level")),
+        "parameter_size": _as_str(fields.get("parameter_size")),
+        "quantization_level": _as_str(fields.get("quantization_level")),
     }
 
 
-def normalise_model(raw: dict) -> dict:
+def normalise_model(raw: Mapping[str, object]) -> JsonDict:
     """One ``/api/tags`` entry → ``{name, size, digest, modified_at, details}`` (unknown keys dropped)."""
     name = raw.get("name") or raw.get("model") or ""
     return {
@@ -98,7 +106,7 @@ def normalise_model(raw: dict) -> dict:
     }
 
 
-def normalise_running(raw: dict) -> dict:
+def normalise_running(raw: Mapping[str, object]) -> JsonDict:
     """One ``/api/ps`` entry → ``{name, size, size_vram, digest, expires_at, details}``."""
     model = normalise_model(raw)
     return {
@@ -111,12 +119,12 @@ def normalise_running(raw: dict) -> dict:
     }
 
 
-def normalise_progress(raw: dict) -> dict:
+def normalise_progress(raw: Mapping[str, object]) -> JsonDict:
     """One pull-stream line → ``{"status", ["digest", "total", "completed"]}``.
 
     Ollama omits ``completed``/``total`` while they are zero; layer lines always get both here.
     """
-    event: dict = {"status": _as_str(raw.get("status"))}
+    event: JsonDict = {"status": _as_str(raw.get("status"))}
     digest = raw.get("digest")
     if isinstance(digest, str) and digest:
         event["digest"] = digest
@@ -158,8 +166,9 @@ def _error_text(body: bytes | str | None) -> str:
         data = json.loads(text)
     except ValueError:
         return text[:_MAX_ERROR_TEXT]
-    if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return data["error"][:_MAX_ERROR_TEXT]
+    message = data.get("error") if isinstance(data, dict) else None
+    if isinstance(message, str):
+        return message[:_MAX_ERROR_TEXT]
     return text[:_MAX_ERROR_TEXT]
 
 
@@ -230,8 +239,10 @@ def _abort_stream(resp: requests.Response) -> None:
             pass
 
 
-class OllamaAdapter:
+class OllamaAdapter(LoadedModelsApi):
     """A thin ``requests`` client for one Ollama server (normally ``http://127.0.0.1:11434``).
+
+    ``loaded_models``, ``load`` and ``unload`` come from ``ollama_loaded.LoadedModelsApi``.
 
     Thread-safe: one ``requests.Session`` (urllib3's pool is thread-safe) shared by every request thread
     and pull runner. ``trust_env`` is off: Ollama is on loopback, so proxies and ``.netrc`` never apply.
@@ -251,8 +262,8 @@ class OllamaAdapter:
         return f"<OllamaAdapter {self.base_url}>"
 
     # --- plumbing --------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, what: str, *, body: dict | None = None, stream: bool = False,
-                 read_timeout: float | None = None) -> requests.Response:
+    def _request(self, method: str, path: str, what: str, *, body: Mapping[str, object] | None = None,
+                 stream: bool = False, read_timeout: float | None = None) -> requests.Response:
         timeout = (self.connect_timeout, self.read_timeout if read_timeout is None else read_timeout)
         try:
             return self._session.request(method, self.base_url + path, json=body, stream=stream, timeout=timeout,
@@ -270,7 +281,7 @@ class OllamaAdapter:
         raise map_error(_error_text(body) or resp.reason or "", status=resp.status_code, model=model,
                         json_body=_is_json_error(body))
 
-    def _json(self, resp: requests.Response, what: str) -> dict:
+    def _json(self, resp: requests.Response, what: str) -> JsonDict:
         try:
             data = resp.json()
         except ValueError:
@@ -288,14 +299,14 @@ class OllamaAdapter:
         self._raise_for(resp)
         return _as_str(self._json(resp, "/api/version").get("version")) or "unknown"
 
-    def list_models(self) -> list[dict]:
+    def list_models(self) -> list[JsonDict]:
         """Installed models, normalised (see ``normalise_model``), in Ollama's order (newest first)."""
         resp = self._request("GET", "/api/tags", "list models")
         self._raise_for(resp)
         models = self._json(resp, "/api/tags").get("models") or []
         return [normalise_model(m) for m in models if isinstance(m, dict)]
 
-    def ps(self) -> list[dict]:
+    def ps(self) -> list[JsonDict]:
         """Models loaded in memory (``GET /api/ps``), normalised (see ``normalise_running``)."""
         resp = self._request("GET", "/api/ps", "list running models")
         self._raise_for(resp)
@@ -308,8 +319,16 @@ class OllamaAdapter:
         self._raise_for(resp, model=name)
         resp.close()
 
+    def copy(self, source: str, destination: str) -> None:
+        """Copy a model under a new name (``POST /api/copy``): a new manifest over the same blobs, so
+        nothing is downloaded. Ollama answers 200 with an empty body; a missing source is its 404."""
+        resp = self._request("POST", "/api/copy", f"copy {source} to {destination}",
+                             body={"source": source, "destination": destination})
+        self._raise_for(resp, model=source)
+        resp.close()
+
     def pull(self, name: str, *, cancel: threading.Event | None = None,
-             read_timeout: float | None = None) -> Iterator[dict]:
+             read_timeout: float | None = None) -> Iterator[JsonDict]:
         """Pull ``name``, yielding each progress event (``normalise_progress``) as it arrives.
 
         Returns after the ``success`` line. Raises the mapped error on an ``{"error": ...}`` line,
@@ -368,7 +387,7 @@ class OllamaAdapter:
             yield buffer
 
     def _read_pull_stream(self, resp: requests.Response, name: str,
-                          cancel: threading.Event | None) -> Iterator[dict]:
+                          cancel: threading.Event | None) -> Iterator[JsonDict]:
         what = f"pull {name}"
         try:
             for line in self._lines(resp):
@@ -411,5 +430,5 @@ class OllamaAdapter:
     def __enter__(self) -> OllamaAdapter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

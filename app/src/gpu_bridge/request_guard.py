@@ -20,6 +20,7 @@ import ipaddress
 import json
 import re
 import uuid
+from typing import Any
 
 from flask import Request
 
@@ -68,7 +69,7 @@ def read_body(request: Request, limit: int, setting: str = "GPU_BRIDGE_MAX_BODY_
     if stream is None or (request.method in ("GET", "HEAD", "OPTIONS", "DELETE")
                           and "chunked" not in request.headers.get("Transfer-Encoding", "").lower()):
         return b""
-    data = stream.read(limit + 1)
+    data: bytes = stream.read(limit + 1)  # PEP 3333: wsgi.input.read() returns bytes (environ is untyped)
     if len(data) > limit:
         raise PayloadTooLarge(too_large)
     return data
@@ -97,8 +98,9 @@ def json_depth(raw: bytes | str) -> int:
     return deepest
 
 
-def json_object(raw: bytes, example: str = '{"model": "llama3.2:latest"}', max_depth: int = MAX_JSON_DEPTH) -> dict:
-    """Parse a request body that must be one JSON object."""
+def json_object(raw: bytes, example: str = '{"model": "llama3.2:latest"}',
+                max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """Parse a request body that must be one JSON object (values Any: the route checks each field it reads)."""
     if not raw.strip():
         raise InvalidRequest(f"request body must be a JSON object, e.g. {example}")
     if json_depth(raw) > max_depth:

@@ -12,6 +12,7 @@ from molecule_support import (
     venv_packages,
 )
 
+testinfra_hosts = ["gpu_servers", "prod_backends"]  # not db-01: the backends' database host (test_60_ha.py)
 SYSTEM_PYTHON = "/usr/bin/python3"
 # Packages a venv brings of its own (ensurepip), and the app itself: everything else is locked.
 VENV_OWN = {"pip", "setuptools", "wheel", "gpu-bridge"}

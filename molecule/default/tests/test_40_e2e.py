@@ -15,7 +15,7 @@ from molecule_support import (
 )
 from molecule_support.tls import BACKEND_CA, BACKEND_CERT, BACKEND_KEY, https
 
-testinfra_hosts = ["prod_backends"]
+testinfra_hosts = ["prod-01"]  # prod-02 (the second backend): test_30_prod.py, test_60_ha.py
 RESTART_DEADLINE = 10.0
 
 

@@ -14,7 +14,7 @@ import pytest
 from molecule_support import GPU_PORT, backend
 from molecule_support.tls import BACKEND_CA, BACKEND_CERT, BACKEND_KEY, probes, slow_clients_result, start_slow_clients
 
-testinfra_hosts = ["prod_backends"]
+testinfra_hosts = ["prod-01"]  # prod-02 (the second backend): test_30_prod.py, test_60_ha.py
 TARGET = "gpu-01"
 DURATION = 14.0  # seconds the slow clients stay (the proxy's header timeout is 10 s)
 PROBES, INTERVAL = 12, 0.5

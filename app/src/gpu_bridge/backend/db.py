@@ -1,113 +1,58 @@
 """The backend's database: the model-list cache, pull records and an audit log (SQLAlchemy Core).
 
 SQLite by default (a file, WAL mode, busy timeout), PostgreSQL with ``postgresql+psycopg://``.
-The schema is versioned: ``schema_version`` holds one row, and ``MIGRATIONS`` lists ordered steps
-that run on start; each step is written so that running it again is harmless, and no step drops
-data. Add a step to change the schema; never edit a released one.
+The schema and its migrations are in schema.py; ``migrate`` runs them on start.
+
+Retention (retention.py): audit entries and finished pulls older than ``RetentionSettings`` allows
+are deleted when the schema is migrated (every process start) and again at most once an hour, on
+the next audit or pull write; the tables only grow by those writes, so no timer thread is needed.
+
+Several backend instances (gunicorn workers on one host with SQLite, or hosts sharing PostgreSQL)
+use one database. Every write runs in ``_writing``: one writer at a time, on both dialects (SQLite
+takes its write lock at BEGIN IMMEDIATE; PostgreSQL takes one advisory lock per transaction). Writes
+are few and short (a listing, a pull record, an audit entry), and serializing them keeps the
+read-then-write steps (the migration's version check, merging a pull record, replacing a host's
+cache) correct without reasoning about each statement's isolation. A change to the models bumps the
+``models`` change generation in the same transaction (listing_memo.py reads it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import overload
+from typing import Any, overload
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from ..config import RetentionSettings
 from ..errors import ConfigError, GpuBridgeError
+from .retention import PRUNE_BACKLOG_INTERVAL, PRUNE_INTERVAL, is_backlog, prune
+from .schema import (
+    LATEST,
+    MIGRATIONS,
+    MODELS_SCOPE,
+    audit_log,
+    change_generation,
+    host_listing,
+    model_cache,
+    pulls,
+    schema_version,
+)
 
 log = logging.getLogger("gpu_bridge.backend")
 
 _PG_LOCK_ID = 727_301_001  # advisory lock: one migrator at a time on PostgreSQL
+_PG_WRITE_LOCK_ID = 727_301_003  # advisory lock: one writing transaction at a time on PostgreSQL
 
-metadata = sa.MetaData()
-
-schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
-
-# The latest schema, as the queries below use it. Migrations build it step by step.
-model_cache = sa.Table(
-    "model_cache", metadata,
-    sa.Column("host", sa.String(300), primary_key=True),
-    sa.Column("name", sa.String(600), primary_key=True),
-    sa.Column("data", sa.JSON, nullable=False),
-    sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False),
-)
-host_listing = sa.Table(
-    "host_listing", metadata,
-    sa.Column("host", sa.String(300), primary_key=True),
-    sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("model_count", sa.Integer, nullable=False),
-)
-audit_log = sa.Table(
-    "audit_log", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("action", sa.String(32), nullable=False),
-    sa.Column("model", sa.String(600)),
-    sa.Column("hosts", sa.JSON, nullable=False),
-    sa.Column("outcome", sa.String(16), nullable=False),
-    sa.Column("detail", sa.JSON),
-    sa.Column("request_id", sa.String(128)),  # added in v2
-)
-pulls = sa.Table(
-    "pulls", metadata,  # added in v2
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("model", sa.String(600), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("hosts", sa.JSON, nullable=False),
-)
-
-
-# --- migrations -----------------------------------------------------------------------------------
-def _v1(conn: Connection) -> None:
-    """Model cache, per-host listing times, audit log."""
-    m = sa.MetaData()
-    sa.Table("model_cache", m,
-             sa.Column("host", sa.String(300), primary_key=True),
-             sa.Column("name", sa.String(600), primary_key=True),
-             sa.Column("data", sa.JSON, nullable=False),
-             sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False))
-    sa.Table("host_listing", m,
-             sa.Column("host", sa.String(300), primary_key=True),
-             sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False),
-             sa.Column("model_count", sa.Integer, nullable=False))
-    sa.Table("audit_log", m,
-             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-             sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-             sa.Column("action", sa.String(32), nullable=False),
-             sa.Column("model", sa.String(600)),
-             sa.Column("hosts", sa.JSON, nullable=False),
-             sa.Column("outcome", sa.String(16), nullable=False),
-             sa.Column("detail", sa.JSON))
-    m.create_all(conn, checkfirst=True)
-
-
-def _v2(conn: Connection) -> None:
-    """Pull records (backend pull id → job per host); request id in the audit log."""
-    columns = {c["name"] for c in sa.inspect(conn).get_columns("audit_log")}
-    if "request_id" not in columns:
-        conn.execute(sa.text("ALTER TABLE audit_log ADD COLUMN request_id VARCHAR(128)"))
-    m = sa.MetaData()
-    sa.Table("pulls", m,
-             sa.Column("id", sa.String(64), primary_key=True),
-             sa.Column("model", sa.String(600), nullable=False),
-             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-             sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-             sa.Column("state", sa.String(16), nullable=False),
-             sa.Column("hosts", sa.JSON, nullable=False))
-    m.create_all(conn, checkfirst=True)
-    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_pulls_created_at ON pulls (created_at)"))
-    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_audit_log_at ON audit_log (at)"))
-
-
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2)]
-LATEST = MIGRATIONS[-1][0]
+# A pull record's per-host entries, merged with the stored ones: (stored hosts) -> (state, hosts).
+PullMerge = Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -173,7 +118,7 @@ def make_engine(url: str) -> Engine:
         engine = sa.create_engine(parsed, connect_args={"timeout": 10})
 
         @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every SQLite test
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - exercised by every SQLite test
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=10000")
@@ -191,10 +136,34 @@ def make_engine(url: str) -> Engine:
 
 
 class Database:
-    def __init__(self, url: str):
+    def __init__(self, url: str, retention: RetentionSettings | None = None):
         self.url = normalize_url(url)
         self.engine = make_engine(self.url)
         self.dialect = self.engine.dialect.name
+        self.retention = retention or RetentionSettings()
+        self._prune_lock = threading.Lock()
+        self._next_prune = 0.0  # time.monotonic() of the next retention run; 0: the first write runs one
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A transaction that is the only writer of the database until it ends (see the module doc).
+
+        SQLite: BEGIN IMMEDIATE takes the write lock at once, waiting up to the busy timeout. (A
+        default, deferred transaction that reads and then writes fails at once with "database is
+        locked" when another process wrote in between, and Python's sqlite3 runs DDL outside any
+        transaction: two processes migrating at once both created a table, one failed.)
+        PostgreSQL: a transaction-level advisory lock, released at commit or rollback."""
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            elif self.dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_WRITE_LOCK_ID})
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
 
     # --- schema --------------------------------------------------------------------------------
     def version(self) -> int:
@@ -208,9 +177,14 @@ class Database:
         return conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
 
     def migrate(self, target: int | None = None) -> int:
-        """Bring the schema to ``target`` (default: latest); return the version reached."""
+        """Bring the schema to ``target`` (default: latest); return the version reached. Reaching the
+        latest schema also applies the retention once: this is what every process start runs.
+
+        Safe when several instances start at once: each migrates under the write lock (``_writing``;
+        on PostgreSQL also the migration's own advisory lock), reads the version there, and the later
+        ones find the work done."""
         try:
-            with self.engine.begin() as conn:
+            with self._writing() as conn:
                 if self.dialect == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
                 schema_version.create(conn, checkfirst=True)
@@ -226,9 +200,12 @@ class Database:
                     conn.execute(schema_version.delete())
                     conn.execute(schema_version.insert().values(version=number))
                     current = number
-                return current
         except SQLAlchemyError as exc:
             raise ConfigError(f"cannot open the database {redact(self.url)}: {_short(exc)}") from None
+        if current == LATEST:
+            with self._prune_lock:
+                self._scheduled_prune()
+        return current
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -238,7 +215,7 @@ class Database:
         self.engine.dispose()
 
     # --- model cache ---------------------------------------------------------------------------
-    def store_host_models(self, host: str, models: list[dict], fetched_at: datetime | None = None) -> None:
+    def store_host_models(self, host: str, models: list[dict[str, Any]], fetched_at: datetime | None = None) -> None:
         """Replace one host's cached list."""
         fetched_at = fetched_at or utcnow()
         rows, seen = [], set()
@@ -247,7 +224,7 @@ class Database:
             if isinstance(name, str) and name not in seen:
                 seen.add(name)
                 rows.append({"host": host, "name": name, "data": m, "fetched_at": fetched_at})
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(model_cache.delete().where(model_cache.c.host == host))
             if rows:
                 conn.execute(model_cache.insert(), rows)
@@ -255,15 +232,17 @@ class Database:
             conn.execute(host_listing.insert().values(host=host, fetched_at=fetched_at, model_count=len(rows)))
 
     def forget_model(self, host: str, name: str) -> None:
-        with self.engine.begin() as conn:
+        """A model deleted from a host: out of its cache, and every instance's listing memo is out of date."""
+        with self._writing() as conn:
             conn.execute(model_cache.delete().where(model_cache.c.host == host, model_cache.c.name == name))
+            _bump_models(conn)
 
-    def cached_models(self, hosts: list[str]) -> tuple[dict[str, list[dict]], dict[str, datetime]]:
+    def cached_models(self, hosts: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, datetime]]:
         """({host: [model, ...]}, {host: fetched_at}) for the hosts that have a cached listing."""
         with self.engine.connect() as conn:
             listings = conn.execute(sa.select(host_listing).where(host_listing.c.host.in_(hosts))).all()
             fetched = {row.host: as_utc(row.fetched_at) for row in listings}
-            per_host: dict[str, list[dict]] = {h: [] for h in hosts if h in fetched}
+            per_host: dict[str, list[dict[str, Any]]] = {h: [] for h in hosts if h in fetched}
             rows = conn.execute(sa.select(model_cache.c.host, model_cache.c.data)
                                 .where(model_cache.c.host.in_(list(fetched)))
                                 .order_by(model_cache.c.host, model_cache.c.name)).all()
@@ -271,43 +250,111 @@ class Database:
                 per_host[row.host].append(row.data)
         return per_host, fetched
 
+    # --- change generation ---------------------------------------------------------------------
+    def models_generation(self) -> int:
+        """How many changes to the models were recorded through any instance (one indexed read)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(change_generation.c.generation)
+                                 .where(change_generation.c.scope == MODELS_SCOPE)).scalar()
+        return int(value or 0)
+
+    def models_changed(self) -> None:
+        """Record a change to the models on its own, when the write that should have carried it failed."""
+        with self._writing() as conn:
+            _bump_models(conn)
+
     # --- audit log -----------------------------------------------------------------------------
-    def audit(self, action: str, model: str | None, hosts: list[str], outcome: str, detail: dict | None = None,
-              request_id: str | None = None) -> None:
-        with self.engine.begin() as conn:
+    def audit(self, action: str, model: str | None, hosts: list[str], outcome: str,
+              detail: dict[str, Any] | None = None, request_id: str | None = None) -> None:
+        with self._writing() as conn:
             conn.execute(audit_log.insert().values(at=utcnow(), action=action, model=model, hosts=hosts,
                                                    outcome=outcome, detail=detail, request_id=request_id))
+        self._maybe_prune()
 
-    def audit_entries(self, limit: int = 50) -> list[dict]:
+    def audit_entries(self, limit: int = 50) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)).all()
         return [{"id": r.id, "at": iso(r.at), "action": r.action, "model": r.model, "hosts": r.hosts,
                  "outcome": r.outcome, "detail": r.detail, "request_id": r.request_id} for r in rows]
 
     # --- pulls ---------------------------------------------------------------------------------
-    def create_pull(self, pull_id: str, model: str, state: str, hosts: dict) -> None:
+    def create_pull(self, pull_id: str, model: str, state: str, hosts: dict[str, Any], *,
+                    models_changed: bool = False) -> None:
+        """Record a pull; ``models_changed``: it already installed the model (a ``wait`` pull)."""
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(pulls.insert().values(id=pull_id, model=model, created_at=now, updated_at=now,
                                                state=state, hosts=hosts))
+            if models_changed:
+                _bump_models(conn)
+        self._maybe_prune()
 
-    def update_pull(self, pull_id: str, state: str, hosts: dict) -> None:
-        with self.engine.begin() as conn:
+    def update_pull(self, pull_id: str, state: str, hosts: dict[str, Any]) -> None:
+        """Replace a pull's state and per-host record."""
+        self.merge_pull(pull_id, lambda _stored: (state, hosts))
+
+    def merge_pull(self, pull_id: str, merge: PullMerge, *, models_changed: bool = False) -> dict[str, Any] | None:
+        """Write a pull's record as ``merge(stored hosts)`` makes it, the stored record read under the write
+        lock: another instance following or cancelling the same pull may have written since this one read
+        it. Returns the record written, None when there is no such pull."""
+        with self._writing() as conn:
+            row = conn.execute(sa.select(pulls.c.hosts).where(pulls.c.id == pull_id)).first()
+            if row is None:
+                return None
+            state, hosts = merge(dict(row.hosts or {}))
             conn.execute(pulls.update().where(pulls.c.id == pull_id)
                          .values(state=state, hosts=hosts, updated_at=utcnow()))
+            if models_changed:
+                _bump_models(conn)
+        return hosts
 
-    def get_pull(self, pull_id: str) -> dict | None:
+    def get_pull(self, pull_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(pulls).where(pulls.c.id == pull_id)).first()
         return _pull_dict(row) if row else None
 
-    def list_pulls(self, limit: int = 50) -> list[dict]:
+    def list_pulls(self, limit: int = 50) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(pulls).order_by(pulls.c.created_at.desc()).limit(limit)).all()
         return [_pull_dict(r) for r in rows]
 
+    # --- retention -----------------------------------------------------------------------------
+    def prune(self, now: datetime | None = None) -> dict[str, int]:
+        """Delete what the retention no longer keeps now; the rows deleted per table (retention.py)."""
+        return prune(self.engine, self.retention, now or utcnow())
 
-def _pull_dict(row) -> dict:
+    def _maybe_prune(self) -> None:
+        """Run the retention if it is due; called after each audit or pull write. A writer never waits
+        for another thread's run: it finds the lock taken and goes on."""
+        if time.monotonic() < self._next_prune or not self._prune_lock.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() >= self._next_prune:  # not just done by the thread that held the lock
+                self._scheduled_prune()
+        finally:
+            self._prune_lock.release()
+
+    def _scheduled_prune(self) -> None:
+        """One retention run; its failure is logged, never raised (the write that triggered it is done)."""
+        backlog = False
+        try:
+            deleted = self.prune()
+        except SQLAlchemyError as exc:
+            log.warning("database: retention run failed, next try in %.0f s: %s", PRUNE_INTERVAL, _short(exc))
+        else:
+            backlog = is_backlog(deleted)
+            if any(deleted.values()):
+                log.info("database: retention deleted %d audit entries and %d finished pulls%s", deleted["audit"],
+                         deleted["pulls"], " (more remain)" if backlog else "")
+        self._next_prune = time.monotonic() + (PRUNE_BACKLOG_INTERVAL if backlog else PRUNE_INTERVAL)
+
+
+def _bump_models(conn: Connection) -> None:
+    conn.execute(change_generation.update().where(change_generation.c.scope == MODELS_SCOPE)
+                 .values(generation=change_generation.c.generation + 1))
+
+
+def _pull_dict(row: Row[Any]) -> dict[str, Any]:
     return {"id": row.id, "model": row.model, "created_at": iso(row.created_at), "updated_at": iso(row.updated_at),
             "state": row.state, "hosts": dict(row.hosts or {})}
 

@@ -7,17 +7,20 @@ from typing import Any
 
 from .. import __version__
 from ..config import DEFAULT_ALLOWED_REGISTRIES
+from ..keep_alive import MAX_SECONDS
+from ..keep_alive import PATTERN as KEEP_ALIVE_PATTERN
 from ..names import MAX_NAME_LENGTH, name_pattern
 from ..request_guard import REQUEST_ID_PATTERN
 
+Json = dict[str, Any]  # a piece of the document
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
-def _json(schema: dict, description: str) -> dict:
+def _json(schema: Json, description: str) -> Json:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _err(description: str) -> dict:
+def _err(description: str) -> Json:
     return _json(_ERROR, description)
 
 
@@ -27,8 +30,12 @@ _REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
                "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": REQUEST_ID_PATTERN}}
 
 
+def _bool_query(name: str, description: str) -> Json:
+    return {"name": name, "in": "query", "schema": {"type": "boolean"}, "description": description}
+
+
 def openapi_document(hosts: list[str] | None = None,
-                     allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> dict:
+                     allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> Json:
     """The document as this backend applies it: ``hosts`` (its GPU hosts' labels and names) is the
     enum of a body's ``hosts`` entries; a pull's model name carries the registry allow-list."""
     host_item = {"type": "string", "minLength": 1}
@@ -40,12 +47,12 @@ def openapi_document(hosts: list[str] | None = None,
         "properties": {
             "ok": {"type": "boolean"},
             "job": {"$ref": "#/components/schemas/Job"},
-            "deleted": {"type": "string"},
+            "deleted": {"type": "string"}, "unloaded": {"type": "string"},
             "error": {"type": "string"}, "code": {"type": "string"}, "status": {"type": "integer"},
         },
         "required": ["ok"],
     }
-    def model_field(registries: tuple[str, ...] | None) -> dict:
+    def model_field(registries: tuple[str, ...] | None) -> Json:
         return {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH, "pattern": name_pattern(registries),
                 "example": "llama3.2:latest"}
 
@@ -64,6 +71,48 @@ def openapi_document(hosts: list[str] | None = None,
                                                                       "(the backend polls the jobs; "
                                                                       "GPU_BRIDGE_PULL_TIMEOUT without progress)"}}}
     per_host = {"type": "object", "additionalProperties": host_result}
+    load_body = {**model_body, "properties": {
+        **model_body["properties"],
+        "keep_alive": {"description": "how long the model stays loaded after its last use: a duration (30s, 5m, "
+                                      "1h30m), seconds, or forever / -1; at most a year unless forever; absent: "
+                                      "Ollama's default",
+                       "oneOf": [{"type": "string", "pattern": KEEP_ALIVE_PATTERN, "example": "1h"},
+                                 {"type": "number", "enum": [-1]},
+                                 {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_SECONDS}]},
+        "wait": {"type": "boolean", "default": True,
+                 "description": "answer when the load ends on every host (false: 202 with each host's job)"}}}
+    loaded_entry = {"type": "object", "properties": {
+        "host": {"type": "string"}, "name": {"type": "string"}, "model": {"type": "string"},
+        "digest": {"type": "string"}, "size": {"type": "integer"},
+        "size_vram": {"type": "integer", "description": "of size, the bytes in GPU memory"},
+        "cpu_spill": {"type": "boolean", "description": "size_vram < size: part runs from system memory (slow)"},
+        "context_length": {"type": "integer", "nullable": True},
+        "expires_at": {"type": "string", "description": "as Ollama gives it; about 292 years ahead: forever"},
+        "stale": {"type": "boolean", "description": "from the host's last answer: it did not answer now"}}}
+    copy_body = {"type": "object", "required": ["source", "destination"],
+                 "properties": {"source": model_field(None), "destination": model_field(None),
+                                "hosts": model_body["properties"]["hosts"]}}
+    drift_item = {"type": "object", "required": ["host", "model", "kind", "detail"], "properties": {
+        "host": {"type": "string"}, "model": {"type": "string", "description": "'*' for an unreachable host"},
+        "kind": {"type": "string", "enum": ["missing", "extra", "diverged", "not_loaded", "unreachable"]},
+        "detail": {"type": "string"}}}
+    action = {"type": "object", "required": ["host", "op", "model", "reason"], "properties": {
+        "host": {"type": "string"}, "op": {"type": "string", "enum": ["delete", "pull", "update", "load"]},
+        "model": {"type": "string"}, "reason": {"type": "string"},
+        "snapshot": {"type": "string", "description": "update: where the replaced build is kept"},
+        "keep_alive": {"description": "load: how long the model stays in memory"}}}
+    drift_report = {"type": "object",
+                    "required": ["in_sync", "checked_at", "age_s", "update", "drift", "plan", "counts", "hosts"],
+                    "properties": {
+                        "in_sync": {"type": "boolean"}, "checked_at": {"type": "string", "format": "date-time"},
+                        "age_s": {"type": "number", "description": "seconds since the observation ended"},
+                        "interval_s": {"type": "number"}, "update": {"type": "boolean"},
+                        "drift": {"type": "array", "items": drift_item}, "plan": {"type": "array", "items": action},
+                        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "hosts": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                            "declared": {"type": "boolean"}, "ok": {"type": "boolean"}, "group": {"type": "string"},
+                            "prune": {"type": "boolean"}, "models": {"type": "integer"},
+                            "residency_known": {"type": "boolean"}, "error": {"type": "string"}}}}}}
     progress = {
         "type": "object",
         "properties": {
@@ -143,6 +192,78 @@ def openapi_document(hosts: list[str] | None = None,
                     "404": _err("the model is on no selected host (code model_not_found)"),
                     "502": _err(failed), "503": _err(failed), "504": _err(failed),
                 }}},
+            "/config/loaded": {"get": {
+                "summary": "What every GPU host holds in memory; a host that does not answer: its last answer, stale",
+                "responses": {
+                    "200": _json({"type": "object", "required": ["models", "hosts", "source", "stale", "fetched_at"],
+                                  "properties": {
+                                      "models": {"type": "array", "items": loaded_entry},
+                                      "hosts": {"type": "object", "additionalProperties": {"type": "object"}},
+                                      "source": {"type": "string", "enum": ["gpu", "cache"]},
+                                      "stale": {"type": "boolean"}, "fetched_at": {"type": "string"}}},
+                                 "loaded models, one entry per host and model"),
+                    "502": _err("no host answered (e.g. token rejected) and none answered before"),
+                    "503": _err("no host answered and none answered before; 'hosts' says why per host"),
+                    "504": _err("every host timed out and none answered before"),
+                }}},
+            "/config/load-model": {"post": {
+                "summary": "Load an installed model into GPU memory on every (or the chosen) GPU host",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": load_body}}},
+                "responses": {
+                    "200": _json({"type": "object", "properties": {
+                        "model": {"type": "string"}, "keep_alive": {"type": "number", "nullable": True},
+                        "results": per_host, "partial": {"type": "boolean"}}}, "loaded on at least one host"),
+                    "202": _json({"type": "object"}, "wait: false: the load jobs started on at least one host"),
+                    "400": _err("bad JSON, missing 'model', invalid model name or keep_alive, unknown host; every "
+                                "host refused an embedding-only model"),
+                    "401": _err("admin token missing or wrong"),
+                    "404": _err("the model is installed on no selected host (code model_not_found)"),
+                    "409": _err("every host's load was cancelled"),
+                    "413": _err("body larger than GPU_BRIDGE_MAX_BODY_BYTES"),
+                    "429": _err("every host refused to queue the load (queue_full or rate_limited)"),
+                    "502": _err(failed), "503": _err(failed), "504": _err(failed),
+                }}},
+            "/config/unload-model": {"post": {
+                "summary": "Unload a model from GPU memory on every (or the chosen) GPU host",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": model_body}}},
+                "responses": {
+                    "200": _json({"type": "object", "properties": {
+                        "model": {"type": "string"}, "results": per_host, "partial": {"type": "boolean"}}},
+                        "not in memory on at least one host any more (not loaded there is no error)"),
+                    "400": _err("bad request"), "401": _err("admin token missing or wrong"),
+                    "404": _err("the model is installed on no selected host (code model_not_found)"),
+                    "429": _err("every host refused (rate_limited)"),
+                    "502": _err(failed), "503": _err(failed), "504": _err(failed),
+                }}},
+            "/config/drift": {"get": {
+                "summary": "How the GPU hosts differ from their declared models (models as code)",
+                "description": "From the backend's last observation (refreshed every GPU_BRIDGE_DRIFT_INTERVAL s; "
+                               "checked_at and age_s say how old it is). drift kinds: missing, extra, diverged, "
+                               "not_loaded, unreachable.",
+                "parameters": [_bool_query("refresh", "observe the GPU hosts now instead of answering from the last "
+                                                      "observation")],
+                "responses": {"200": _json(drift_report, "the drift and the plan that would fix it"),
+                              "503": _err("no declared state: GPU_BRIDGE_DECLARED_MODELS_FILE unset "
+                                          "(drift_not_configured) or unusable (declared_state_invalid)")}}},
+            "/config/plan": {"get": {
+                "summary": "The actions that bring the GPU hosts to their declared models (what models apply runs)",
+                "parameters": [_bool_query("update", "re-pull every declared model for a newer build (each "
+                                                     "replaced build is kept as a snapshot)"),
+                               _bool_query("refresh", "observe the GPU hosts now")],
+                "responses": {"200": _json(drift_report, "the plan, with the drift it answers"),
+                              "503": _err("no declared state (drift_not_configured, declared_state_invalid)")}}},
+            "/config/copy-model": {"post": {
+                "summary": "Copy a model under another name on every (or the chosen) GPU host (no download)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": copy_body}}},
+                "responses": {
+                    "200": _json({"type": "object", "properties": {
+                        "source": {"type": "string"}, "destination": {"type": "string"}, "results": per_host,
+                        "partial": {"type": "boolean"}}}, "copied on at least one host"),
+                    "400": _err("bad request"), "401": _err("admin token missing or wrong"),
+                    "404": _err("the source is on no selected host (code model_not_found)"),
+                    "429": _err("every host refused (rate_limited)"),
+                    "502": _err(failed), "503": _err(failed), "504": _err(failed),
+                }}},
             "/config/audit": {"get": {
                 "summary": "Audit log of pull, cancel and delete requests (newest first)",
                 "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
@@ -170,6 +291,11 @@ def openapi_document(hosts: list[str] | None = None,
                         "latency_ms": {"type": "number", "nullable": True},
                         "error": {"type": "string"}, "code": {"type": "string"}}}},
                 }}, "health")}}},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics (admin token beyond loopback unless GPU_BRIDGE_METRICS_PUBLIC=true)",
+                "responses": {"200": {"description": "Prometheus text format",
+                                      "content": {"text/plain": {"schema": {"type": "string"}}}},
+                              "401": _err("the admin token is required")}}},
             "/api/openapi.json": {"get": {"summary": "This document",
                                           "responses": {"200": {"description": "OpenAPI 3.0 document"}}}},
         },
@@ -196,7 +322,16 @@ def openapi_document(hosts: list[str] | None = None,
                                       "name": {"type": "string"}, "size": {"type": "integer"},
                                       "digest": {"type": "string"}, "modified_at": {"type": "string"},
                                       "details": {"type": "object"},
-                                      "hosts": {"type": "array", "items": {"type": "string"}}}}},
+                                      "hosts": {"type": "array", "items": {"type": "string"}},
+                                      "digests": {"type": "object", "additionalProperties": {
+                                          "type": "string", "nullable": True},
+                                          "description": "each host's digest of this name"},
+                                      "diverged": {"type": "boolean",
+                                                   "description": "the hosts hold different builds (digests)"},
+                                      "digest_differs": {"type": "boolean",
+                                                         "description": "earlier name of diverged (only when true)"},
+                                      "snapshot": {"type": "boolean",
+                                                   "description": "kept by models as code for rollback"}}}},
                                   "hosts": {"type": "object", "additionalProperties": {"type": "object", "properties": {
                                       "ok": {"type": "boolean"}, "error": {"type": "string"},
                                       "code": {"type": "string"}}}},

@@ -11,7 +11,11 @@ Only failures of the host count (the ``GpuHostError`` family: refused, reset, ti
 server's own 5xx). A 4xx answer (unknown model, bad name) or a failed pull job means the host
 answered, so it counts as a success. A refused token (``GpuHostUnauthorized``) is a configuration
 error, not a sick host: it does not count either way, so rotating tokens cannot take hosts "down".
-Every transition is logged (``gpu_bridge.backend.breaker``) with the host and the reason.
+Every transition is logged (``gpu_bridge.backend.breaker``, event ``breaker_transition``) with the
+host, the states and the reason, and reported to ``on_transition(host, old, new, reason)`` when given
+(the backend's metrics count them): closed -> open, open -> half_open (the cool-down ended),
+half_open -> open or closed (the trial's verdict), open -> closed (a call begun before the circuit
+opened came back fine).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ..errors import CircuitOpen, GpuBridgeError, GpuHostError, GpuHostUnauthorized
+from ..logs import Fields
 
 T = TypeVar("T")
 # A child of the backend's logger: transitions land in its JSON log (the backend owns the breakers).
@@ -33,10 +38,13 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 class CircuitBreaker:
     def __init__(self, name: str, threshold: int = 3, cooldown: float = 15.0,
-                 clock: Callable[[], float] = time.monotonic, probe: Callable[[], object] | None = None):
+                 clock: Callable[[], float] = time.monotonic, probe: Callable[[], object] | None = None,
+                 on_transition: Callable[[str, str, str, str], None] | None = None):
         if threshold < 1:
             raise ValueError("threshold must be >= 1")
         self.name = name
+        # Called under the breaker's lock: it must be quick and must not call back into the breaker.
+        self.on_transition = on_transition
         self.probe = probe
         self.threshold = threshold
         self.cooldown = cooldown
@@ -69,16 +77,28 @@ class CircuitBreaker:
                 return 0.0
             return max(0.0, self.cooldown - (self._clock() - self._opened_at))
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, object]:
         with self._lock:
             state = self._current_state()
-            out = {"state": state, "consecutive_failures": self._failures}
+            out: dict[str, object] = {"state": state, "consecutive_failures": self._failures}
             if self._state == OPEN:
                 out["retry_in_s"] = round(max(0.0, self.cooldown - (self._clock() - self._opened_at)), 1)
             if self.last_error is not None:
                 out["last_error"] = self.last_error
                 out["last_error_code"] = self.last_error_code
             return out
+
+    def _move(self, new: str, reason: str, message: str | None = None) -> None:
+        """Under the lock: enter ``new``; a change of state is logged and reported with its reason."""
+        old, self._state = self._state, new
+        if old == new:
+            return
+        verb = {OPEN: "opened", HALF_OPEN: "half-open"}.get(new, new)
+        log.log(logging.INFO if new == HALF_OPEN else logging.WARNING, Fields(
+            message=message or f"circuit for {self.name} {verb}: {reason}", event="breaker_transition",
+            host=self.name, old_state=old, new_state=new, reason=reason, consecutive_failures=self._failures))
+        if self.on_transition is not None:
+            self.on_transition(self.name, old, new, reason)
 
     # --- protocol ----------------------------------------------------------------------------
     def before_call(self) -> bool:
@@ -88,7 +108,8 @@ class CircuitBreaker:
             if state == CLOSED:
                 return False
             if state == HALF_OPEN and not self._trial_in_flight:
-                self._state = HALF_OPEN
+                self._move(HALF_OPEN, f"the {self.cooldown:g} s cool-down is over, " + (
+                    "probing its health" if self.probe is not None else "the next call is the trial"))
                 self._trial_in_flight = True
                 return True
             wait = max(0.0, self.cooldown - (self._clock() - self._opened_at))
@@ -100,11 +121,8 @@ class CircuitBreaker:
 
     def record_success(self, trial: bool = False) -> None:
         with self._lock:
-            if self._state != CLOSED:
-                log.warning("circuit for %s closed: %s", self.name,
-                            "the health probe succeeded" if trial else "a call succeeded")
             self._failures = 0
-            self._state = CLOSED
+            self._move(CLOSED, "the health probe succeeded" if trial else "a call succeeded")
             if trial:
                 self._trial_in_flight = False
             self.last_success_at = self._clock()
@@ -119,11 +137,13 @@ class CircuitBreaker:
                 self.last_error_code = getattr(exc, "code", None)
             self.last_failure_at = self._clock()
             if trial or self._state == HALF_OPEN or self._failures >= self.threshold:
-                if self._state != OPEN or trial:
-                    log.warning("circuit for %s opened for %g s after %d consecutive failure(s)%s: %s",
-                                self.name, self.cooldown, self._failures, " (the half-open probe failed)"
-                                if trial else "", self.last_error or "no detail")
-                self._state = OPEN
+                error = self.last_error or "no detail"
+                reason = (f"the half-open probe failed: {error}" if trial
+                          else f"{self._failures} consecutive failure(s): {error}")
+                # Already open (a call begun before it opened failed too): no transition, a new cool-down.
+                self._move(OPEN, reason, f"circuit for {self.name} opened for {self.cooldown:g} s after "
+                                         f"{self._failures} consecutive failure(s)"
+                                         f"{' (the half-open probe failed)' if trial else ''}: {error}")
                 self._opened_at = self._clock()
 
     def release_trial(self, trial: bool) -> None:
@@ -151,7 +171,7 @@ class CircuitBreaker:
         else:
             self.record_success(trial=True)
 
-    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+    def call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         trial = self.before_call()
         if trial and self.probe is not None:
             self._run_probe()
@@ -175,7 +195,8 @@ class CircuitBreaker:
 
     def reset(self) -> None:
         with self._lock:
-            self._state, self._failures, self._trial_in_flight = CLOSED, 0, False
+            self._failures, self._trial_in_flight = 0, False
+            self._move(CLOSED, "reset")
 
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "CircuitBreaker"]

@@ -22,13 +22,14 @@ Host labels (``name:port``) identify hosts everywhere; a selection may also use 
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from .. import names
 from ..config import BackendSettings, GpuHost
@@ -43,11 +44,29 @@ from ..errors import (
     InvalidRequest,
     NoHealthyHost,
 )
+from ..reconcile import is_snapshot
 from . import make_transport
-from .base import GpuTransport
+from .base import GpuTransport, JsonDict
 from .breaker import CLOSED, HALF_OPEN, CircuitBreaker
 
 TransportFactory = Callable[[GpuHost, BackendSettings], GpuTransport]
+
+
+def _stamp(times: dict[str, float], label: str, _done: Future[Outcome]) -> None:
+    times.setdefault(label, time.monotonic())
+
+
+class FleetObserver(Protocol):
+    """Who hears about the fleet (the backend's metrics): each breaker transition, and each host's
+    outcome (``ok`` or a ``failure_reason``) and wait in each fan-out. Called on request threads and
+    the pool's: both must be quick and must not call back into the fleet."""
+
+    def breaker_changed(self, host: str, old: str, new: str, reason: str) -> None: ...
+
+    def fanout_result(self, host: str, operation: str, outcome: str, seconds: float) -> None: ...
+
+# One host's outcome in a fan-out: (True, what the method returned) or (False, the error it raised).
+Outcome = tuple[bool, Any]
 
 
 def utc_now_iso() -> str:
@@ -55,7 +74,7 @@ def utc_now_iso() -> str:
 
 
 # Calls that only read: one in flight per host at a time (see the module docstring).
-SINGLE_FLIGHT = frozenset({"list_models", "health"})
+SINGLE_FLIGHT = frozenset({"list_models", "health", "loaded_models"})
 MAX_POOL_THREADS = 64
 
 
@@ -72,9 +91,9 @@ def failure_reason(exc: GpuBridgeError) -> str:
     return "error"
 
 
-def error_summary(exc: GpuBridgeError) -> dict:
+def error_summary(exc: GpuBridgeError) -> JsonDict:
     """A failure as a per-host result: ``{"ok": false, "error", "code", "status", "reason"}`` (+ ``job``)."""
-    out = {"ok": False, "error": exc.message, "code": exc.code, "status": exc.status,
+    out: JsonDict = {"ok": False, "error": exc.message, "code": exc.code, "status": exc.status,
            "reason": failure_reason(exc)}
     if "job" in exc.extra:
         out["job"] = exc.extra["job"]
@@ -88,7 +107,7 @@ class HostSlot:
     breaker: CircuitBreaker
     latency_ms: float | None = None
     last_ok_at: str | None = None
-    extra: dict = field(default_factory=dict)
+    extra: JsonDict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -97,8 +116,9 @@ class HostSlot:
 
 class GpuFleet:
     def __init__(self, settings: BackendSettings, transport_factory: TransportFactory = make_transport,
-                 *, clock: Callable[[], float] = time.monotonic):
+                 *, clock: Callable[[], float] = time.monotonic, observer: FleetObserver | None = None):
         self.settings = settings
+        self.observer = observer
         hosts = settings.client.hosts
         if not hosts:
             raise ConfigError("no GPU host configured: set GPU_INSTANCE_HOSTS (comma-separated host[:port]) "
@@ -110,15 +130,16 @@ class GpuFleet:
             self.slots[host.label] = HostSlot(
                 host=host, transport=transport,
                 breaker=CircuitBreaker(host.label, cs.breaker_threshold, cs.breaker_cooldown, clock=clock,
-                                       probe=transport.probe))
+                                       probe=transport.probe,
+                                       on_transition=observer.breaker_changed if observer else None))
         self.transport_kind = next(iter(self.slots.values())).transport.kind
         self.fanout_deadline = cs.fanout_deadline
         self.change_deadline = cs.connect_timeout + cs.read_timeout + 1.0
         # One pool for every fan-out: enough threads for two calls per host in flight at once.
         self._pool = ThreadPoolExecutor(max_workers=min(MAX_POOL_THREADS, max(4, 2 * len(hosts))),
                                         thread_name_prefix="gpu-fleet")
-        self._inflight: dict[tuple, Future] = {}
-        self._started: dict[Future, float] = {}  # when each single-flight call began
+        self._inflight: dict[tuple[str, str, tuple[object, ...]], Future[Outcome]] = {}
+        self._started: dict[Future[Outcome], float] = {}  # when each single-flight call began
         self._inflight_lock = threading.Lock()
 
     # --- hosts ---------------------------------------------------------------------------------
@@ -146,15 +167,15 @@ class GpuFleet:
         """Hosts best first: closed breakers by latency, then half-open, then open."""
         rank = {CLOSED: 0, HALF_OPEN: 1}
 
-        def key(label: str):
+        def key(label: str) -> tuple[int, float]:
             slot = self.slots[label]
             return (rank.get(slot.breaker.state, 2), slot.latency_ms if slot.latency_ms is not None else 1e9)
 
         return sorted(self.slots, key=key)
 
     # --- calls -----------------------------------------------------------------------------------
-    def call(self, label: str, method: str, *args):
-        """One transport method on one host, through its breaker."""
+    def call(self, label: str, method: str, *args: object) -> Any:
+        """One transport method on one host, through its breaker (by name: any ``GpuTransport`` method)."""
         slot = self.slots.get(label)
         if slot is None:
             raise InvalidRequest(f"unknown GPU host {label!r}: known hosts are {', '.join(self.labels)}")
@@ -164,7 +185,7 @@ class GpuFleet:
         slot.last_ok_at = utc_now_iso()
         return result
 
-    def call_any(self, method: str, *args) -> tuple[str, object]:
+    def call_any(self, method: str, *args: object) -> tuple[str, object]:
         """Run on the best host; on a host failure try the next. Returns (label, result)."""
         errors: list[str] = []
         for label in self.preferred():
@@ -174,9 +195,9 @@ class GpuFleet:
                 errors.append(exc.message)
         raise NoHealthyHost("no GPU host could serve the request: " + "; ".join(errors))
 
-    def _submit(self, label: str, method: str, args: tuple) -> Future:
+    def _submit(self, label: str, method: str, args: tuple[object, ...]) -> Future[Outcome]:
         """The call as a future on the shared pool; a read call joins one already in flight."""
-        def one():
+        def one() -> Outcome:
             try:
                 return True, self.call(label, method, *args)
             except GpuBridgeError as exc:
@@ -194,7 +215,7 @@ class GpuFleet:
             self._inflight[key] = fut
             self._started[fut] = time.monotonic()
 
-        def forget(done: Future) -> None:
+        def forget(done: Future[Outcome]) -> None:
             with self._inflight_lock:
                 if self._inflight.get(key) is done:
                     del self._inflight[key]
@@ -203,8 +224,8 @@ class GpuFleet:
         fut.add_done_callback(forget)
         return fut
 
-    def fan_out(self, labels: list[str], method: str, *args,
-                deadline: float | None = None) -> dict[str, tuple[bool, Any]]:
+    def fan_out(self, labels: list[str], method: str, *args: object,
+                deadline: float | None = None) -> dict[str, Outcome]:
         """``method(*args)`` on each host in parallel: {label: (True, result) | (False, GpuBridgeError)}.
 
         With a ``deadline`` (seconds), hosts that have not answered by then get ``GpuHostTimeout``. A
@@ -212,11 +233,15 @@ class GpuFleet:
         host is known to be late, and the answer goes out at once (from the cache, for a listing)."""
         futures = {lbl: self._submit(lbl, method, args) for lbl in labels}
         now = time.monotonic()
+        done_at: dict[str, float] = {}  # when each host's answer arrived (for the observer)
+        if self.observer is not None:
+            for lbl, fut in futures.items():
+                fut.add_done_callback(functools.partial(_stamp, done_at, lbl))
         with self._inflight_lock:
             known_late = {f for f in futures.values()
                           if deadline is not None and now - self._started.get(f, now) >= deadline}
         wait([f for f in futures.values() if f not in known_late], timeout=deadline)
-        out: dict[str, tuple[bool, object]] = {}
+        out: dict[str, Outcome] = {}
         for lbl, fut in futures.items():
             if fut.done():
                 out[lbl] = fut.result()
@@ -225,16 +250,21 @@ class GpuFleet:
                     f"{lbl} did not answer within the {deadline:g} s deadline of this request "
                     f"({'GPU_BRIDGE_FANOUT_DEADLINE' if deadline == self.fanout_deadline else 'connect + read timeout'}"
                     "); its call goes on in the background", host=lbl))
+        if self.observer is not None:
+            end = time.monotonic()
+            for lbl, (ok, value) in out.items():
+                self.observer.fanout_result(lbl, method, "ok" if ok else failure_reason(value),
+                                            done_at.get(lbl, end) - now)
         return out
 
     # --- operations ------------------------------------------------------------------------------
-    def list_models(self, hosts: Iterable[str] | None = None) -> dict:
+    def list_models(self, hosts: Iterable[str] | None = None) -> JsonDict:
         """``{"models": merged, "hosts": {label: status}, "per_host": {label: [model, ...]}}``
         (``per_host`` only for hosts that answered)."""
         labels = self.select(hosts)
         answers = self.fan_out(labels, "list_models", deadline=self.fanout_deadline)
-        per_host: dict[str, list[dict]] = {}
-        statuses: dict[str, dict] = {}
+        per_host: dict[str, list[JsonDict]] = {}
+        statuses: dict[str, JsonDict] = {}
         for label, (ok, value) in answers.items():
             if ok:
                 per_host[label] = list(value)
@@ -243,7 +273,7 @@ class GpuFleet:
                 statuses[label] = error_summary(value)
         return {"models": merge_models(per_host), "hosts": statuses, "per_host": per_host}
 
-    def pull(self, model: str, hosts: Iterable[str] | None = None, *, wait: bool = False) -> dict[str, dict]:
+    def pull(self, model: str, hosts: Iterable[str] | None = None, *, wait: bool = False) -> dict[str, JsonDict]:
         """Start (or, with wait, run) a pull on each selected host: {label: {"ok", "job"} | failure}."""
         name = names.parse(model).display
         labels = self.select(hosts)
@@ -254,22 +284,24 @@ class GpuFleet:
         return {lbl: ({"ok": True, "job": value} if ok else error_summary(value)) for lbl, (ok, value) in
                 answers.items()}
 
-    def delete(self, model: str, hosts: Iterable[str] | None = None) -> dict[str, dict]:
+    def delete(self, model: str, hosts: Iterable[str] | None = None) -> dict[str, JsonDict]:
         name = names.parse(model).display
         labels = self.select(hosts)
         answers = self.fan_out(labels, "delete_model", name, deadline=self.change_deadline)
         return {lbl: ({"ok": True, **(value or {})} if ok else error_summary(value)) for lbl, (ok, value) in
                 answers.items()}
 
-    def get_job(self, label: str, job_id: str) -> dict:
-        return self.call(label, "get_job", job_id)
+    def get_job(self, label: str, job_id: str) -> JsonDict:
+        job: JsonDict = self.call(label, "get_job", job_id)
+        return job
 
-    def cancel_job(self, label: str, job_id: str) -> dict:
-        return self.call(label, "cancel_job", job_id)
+    def cancel_job(self, label: str, job_id: str) -> JsonDict:
+        job: JsonDict = self.call(label, "cancel_job", job_id)
+        return job
 
-    def jobs(self, wanted: dict[str, str]) -> dict[str, tuple[bool, object]]:
+    def jobs(self, wanted: dict[str, str]) -> dict[str, Outcome]:
         """Several (host → job id) look-ups in parallel."""
-        def one(label: str):
+        def one(label: str) -> Outcome:
             try:
                 return True, self.get_job(label, wanted[label])
             except GpuBridgeError as exc:
@@ -284,13 +316,13 @@ class GpuFleet:
             f"{lbl} did not answer within {self.change_deadline:g} s (connect + read timeout)", host=lbl))
             for lbl, fut in futures.items()}
 
-    def health(self) -> dict[str, dict]:
+    def health(self) -> dict[str, JsonDict]:
         """Each host's state: probes ``health()`` through the breaker (an open breaker costs nothing)."""
         answers = self.fan_out(self.labels, "health", deadline=self.fanout_deadline)
-        out: dict[str, dict] = {}
+        out: dict[str, JsonDict] = {}
         for label, (ok, value) in answers.items():
             slot = self.slots[label]
-            entry = {"ok": ok, "breaker": slot.breaker.snapshot(), "latency_ms": slot.latency_ms,
+            entry: JsonDict = {"ok": ok, "breaker": slot.breaker.snapshot(), "latency_ms": slot.latency_ms,
                      "last_ok_at": slot.last_ok_at}
             if ok:
                 doc = value if isinstance(value, dict) else {}
@@ -312,7 +344,7 @@ class GpuFleet:
             out[label] = entry
         return out
 
-    def status(self) -> dict[str, dict]:
+    def status(self) -> dict[str, JsonDict]:
         """Breaker and latency per host, without any network call."""
         return {lbl: {"breaker": s.breaker.snapshot(), "latency_ms": s.latency_ms, "last_ok_at": s.last_ok_at}
                 for lbl, s in self.slots.items()}
@@ -326,7 +358,7 @@ class GpuFleet:
                 pass
 
 
-def degraded_reason(doc: dict) -> str:
+def degraded_reason(doc: JsonDict) -> str:
     """Why a GPU host's ``/api/health`` says ``degraded``, in words (no Ollama, no GPU visible)."""
     reasons = []
     ollama, gpu = doc.get("ollama") or {}, doc.get("gpu") or {}
@@ -337,9 +369,13 @@ def degraded_reason(doc: dict) -> str:
     return "; ".join(reasons) or f"the host reports {doc.get('status')!r}"
 
 
-def merge_models(per_host: dict[str, list[dict]]) -> list[dict]:
-    """One entry per model name (first host's fields), with ``hosts``: the labels that have it."""
-    merged: dict[str, dict] = {}
+def merge_models(per_host: dict[str, list[JsonDict]]) -> list[JsonDict]:
+    """One entry per model name (first host's fields), with ``hosts``: the labels that have it;
+    ``digests``: each of those hosts' digest, since two hosts may hold different builds of one tag;
+    ``diverged``: true when those digests differ (``digest_differs``, the earlier name of the same
+    flag, is still set then for callers that read it); ``snapshot``: a name models as code keeps
+    for rollback (``reconcile.is_snapshot``: a tag ending ``-gpubridge-prev`` or ``-gpubridge-next``)."""
+    merged: dict[str, JsonDict] = {}
     for label, models in per_host.items():
         for m in models:
             if not isinstance(m, dict) or not isinstance(m.get("name"), str):
@@ -348,16 +384,19 @@ def merge_models(per_host: dict[str, list[dict]]) -> list[dict]:
             entry = merged.get(key)
             if entry is None:
                 entry = {"name": m["name"], "size": m.get("size"), "digest": m.get("digest"),
-                         "modified_at": m.get("modified_at"), "details": m.get("details"), "hosts": []}
+                         "modified_at": m.get("modified_at"), "details": m.get("details"), "hosts": [],
+                         "digests": {}, "diverged": False, "snapshot": is_snapshot(m["name"])}
                 merged[key] = entry
-            elif m.get("digest") and entry.get("digest") and m.get("digest") != entry["digest"]:
-                entry["digest_differs"] = True  # same name, different build on some host
             if label not in entry["hosts"]:
                 entry["hosts"].append(label)
+                entry["digests"][label] = m.get("digest")
+    for entry in merged.values():
+        if len({d for d in entry["digests"].values() if d}) > 1:
+            entry["diverged"] = entry["digest_differs"] = True  # same name, different build on some host
     return list(merged.values())
 
 
-def summarize(results: dict[str, dict]) -> dict:
+def summarize(results: dict[str, JsonDict]) -> JsonDict:
     """Outcome of a per-host fan-out: ok/failed host lists, ``partial``, and the status to answer with
     when every host failed (their common status, else 502)."""
     ok = [lbl for lbl, r in results.items() if r.get("ok")]
@@ -369,4 +408,4 @@ def summarize(results: dict[str, dict]) -> dict:
             "code": codes.pop() if len(codes) == 1 else "gpu_hosts_failed"}
 
 
-__all__ = ["GpuFleet", "HostSlot", "error_summary", "merge_models", "summarize", "utc_now_iso"]
+__all__ = ["FleetObserver", "GpuFleet", "HostSlot", "error_summary", "merge_models", "summarize", "utc_now_iso"]

@@ -20,9 +20,10 @@ CLI work unchanged. Protocol, layout and mount options: ``gpu_bridge.spool``.
 
 Every error carries ``host=<label>``. A dead heartbeat or an unprepared share is
 ``GpuHostUnreachable``; no answer in time is ``GpuHostTimeout`` (``code=command_expired`` when the
-worker reports the command expired before it could run it); the worker's own errors map exactly as
-the HTTP transport maps the GPU server's (``ModelNotFound``, ``QueueFull``, Ollama down → a
-``GpuHostError`` with ``code=ollama_unavailable``, ...).
+worker reports the command expired before it could run it); the worker's own error answers go
+through ``client.wire_errors.error_from_wire``, the mapping the HTTP transport uses for the GPU
+server's (``ModelNotFound``, ``QueueFull``, Ollama down → a ``GpuHostError`` with
+``code=ollama_unavailable``, ...), and a failed job through its ``job_error``.
 """
 
 from __future__ import annotations
@@ -31,25 +32,22 @@ import threading
 import time
 from typing import TypeGuard
 
+from .. import keep_alive as keep_alive_rule
 from .. import names, spool
 from ..config import BackendSettings, GpuHost
 from ..errors import (
     ChannelError,
-    Conflict,
     GpuBridgeError,
     GpuHostError,
     GpuHostTimeout,
     GpuHostUnreachable,
     InvalidRequest,
     JobNotFound,
-    NotFound,
-    PayloadTooLarge,
     PullStalled,
-    RateLimited,
     ShareNotReady,
 )
-from .base import GpuTransport
-from .http import _CODE_TYPES, _HOST_DOWN_CODES
+from .base import GpuTransport, JsonDict, job_kind, no_change_limit
+from .wire_errors import error_from_wire, job_error
 
 RESTART_GRACE = 5.0  # seconds a pull_and_wait tolerates a down worker (it resumes pulls after a restart)
 _DOWN_HINT = "is gpu-nfs-worker.service running there and the share mounted?"
@@ -67,17 +65,16 @@ class NfsTransport(GpuTransport):
     kind = "nfs"
 
     def __init__(self, host: GpuHost, settings: BackendSettings | None = None):
-        super().__init__(host)
         self.settings = settings or BackendSettings()
+        super().__init__(host, self.settings.client)
         self.nfs = self.settings.nfs
         self.label = host.label
         self.paths = spool.HostPaths(self.nfs.root, host.name)  # ConfigError for a name unusable on the share
         self._monitor = spool.HeartbeatMonitor(self.paths.heartbeat)
         self._monitor_lock = threading.Lock()
-        self.last_latency_ms: float | None = None
 
     # --- GpuTransport ------------------------------------------------------------------------------
-    def health(self) -> dict:
+    def health(self) -> JsonDict:
         self._check_share()
         live = self._alive_or_raise("health check")
         hb = live.doc or {}
@@ -104,7 +101,7 @@ class NfsTransport(GpuTransport):
                        "models_fresh": fresh},
         }
 
-    def list_models(self) -> list[dict]:
+    def list_models(self) -> list[JsonDict]:
         self._check_share()
         started = time.monotonic()
         live = self._alive_or_raise("model listing")
@@ -124,26 +121,21 @@ class NfsTransport(GpuTransport):
             raise GpuHostError(f"{self.label} answered 'list' without 'models'", host=self.label)
         return models
 
-    def ping(self, timeout: float | None = None) -> dict:
+    def ping(self, timeout: float | None = None) -> JsonDict:
         """A full round trip through the worker's main loop (not part of GpuTransport)."""
         return self._call("ping", timeout=timeout)
 
-    def start_pull(self, model: str) -> dict:
+    def start_pull(self, model: str) -> JsonDict:
         parsed = names.parse(model)  # InvalidModelName before anything is written
         job = self._call("pull", {"model": parsed.display})
         if not job.pop("joined", False):
             return job
         return {**job, "joined": True}
 
-    def pull_and_wait(self, model: str) -> dict:
-        job = self.start_pull(model)
-        job.pop("joined", None)
-        return self.wait_job(job)
-
-    def wait_job(self, job: dict) -> dict:
+    def wait_job(self, job: JsonDict) -> JsonDict:
         """Follow a job's progress file until it is terminal; raise its error like ``?wait=true`` does."""
-        job_id = job["id"]
-        stall_limit, total = self.settings.client.pull_timeout, self.settings.client.pull_deadline
+        job_id, what = job["id"], job_kind(job)
+        stall_limit, total = no_change_limit(job, self.settings.client.pull_timeout), self.settings.client.pull_deadline
         poll = max(self.nfs.poll_interval, 0.05)
         key, last_change = None, time.monotonic()
         started = last_change
@@ -156,21 +148,18 @@ class NfsTransport(GpuTransport):
                 if state == "succeeded":
                     return job
                 if state in spool.TERMINAL_STATES:
-                    raise self._error({"error": job.get("error") or f"pull {state}",
-                                       "code": job.get("error_code") or ("cancelled" if state == "cancelled"
-                                                                         else "ollama_error"),
-                                       "job": job})
+                    raise job_error(job, host=self.host)
                 new_key = (doc.get("boot"), doc.get("seq"), state, job.get("completed"), job.get("total"),
                            job.get("status"))
                 if new_key != key:
                     key, last_change = new_key, time.monotonic()
             now = time.monotonic()
             if total and now - started > total:
-                raise PullStalled(f"{self.label}: the pull of {job.get('model')!r} (job {job_id}) is unfinished after "
-                                  f"{total:g} s (GPU_BRIDGE_PULL_DEADLINE); it goes on on the host",
+                raise PullStalled(f"{self.label}: the {what} of {job.get('model')!r} (job {job_id}) is unfinished "
+                                  f"after {total:g} s (GPU_BRIDGE_PULL_DEADLINE); it goes on on the host",
                                   host=self.label, code="pull_deadline", extra={"job": job})
             if now - last_change > stall_limit:
-                raise PullStalled(f"{self.label}: the pull of {job.get('model')!r} (job {job_id}) made no progress "
+                raise PullStalled(f"{self.label}: the {what} of {job.get('model')!r} (job {job_id}) made no progress "
                                   f"for {stall_limit:g} s (GPU_BRIDGE_PULL_TIMEOUT); last status: "
                                   f"{job.get('status') or 'none'}", host=self.label, extra={"job": job})
             if now >= next_beat_check:
@@ -186,14 +175,14 @@ class NfsTransport(GpuTransport):
                 next_beat_check = now + max(poll, self._monitor.interval() / 4)
             time.sleep(poll)
 
-    def get_job(self, job_id: str) -> dict:
+    def get_job(self, job_id: str) -> JsonDict:
         job_id = _check_job_id(job_id)
         self._check_share()
         doc = self._read_progress(job_id)
         if doc is None:
             raise JobNotFound(f"{self.label}: no job {job_id!r} (jobs on the NFS channel are pull request ids; "
                               f"finished ones are kept {self.nfs.answer_retention:g} s)", host=self.label)
-        job = doc["job"]
+        job: JsonDict = doc["job"]
         if job.get("state") not in spool.TERMINAL_STATES:
             live = self._liveness()
             if live.alive is False:
@@ -201,7 +190,7 @@ class NfsTransport(GpuTransport):
                                          f"{_DOWN_HINT}", host=self.label, extra={"job": job})
         return job
 
-    def list_jobs(self) -> list[dict]:
+    def list_jobs(self) -> list[JsonDict]:
         """Every job whose progress file is still on the share, newest first (the CLI's ``jobs``)."""
         self._check_share()
         jobs = []
@@ -213,12 +202,34 @@ class NfsTransport(GpuTransport):
         jobs.sort(key=lambda j: j.get("created_at") or "", reverse=True)
         return jobs
 
-    def cancel_job(self, job_id: str) -> dict:
+    def cancel_job(self, job_id: str) -> JsonDict:
         return self._call("cancel", {"job_id": _check_job_id(job_id)})
 
-    def delete_model(self, model: str) -> dict:
+    def delete_model(self, model: str) -> JsonDict:
         parsed = names.parse(model)
         return self._call("delete", {"model": parsed.display})
+
+    def copy_model(self, source: str, destination: str) -> JsonDict:
+        return self._call("copy", {"source": names.parse(source).display,
+                                   "destination": names.parse(destination).display})
+
+    def loaded_models(self) -> list[JsonDict]:
+        # Always a round trip: what is loaded changes by the minute (keep_alive), models.json would lag.
+        models = self._call("loaded").get("models")
+        if not isinstance(models, list):
+            raise GpuHostError(f"{self.label} answered 'loaded' without 'models'", host=self.label)
+        return models
+
+    def load_model(self, model: str, keep_alive: object = None, wait: bool = True) -> JsonDict:
+        parsed = names.parse(model)  # InvalidModelName, then InvalidRequest, before anything is written
+        job = self._call("load", {"model": parsed.display, "keep_alive": keep_alive_rule.parse(keep_alive)})
+        joined = job.pop("joined", False)
+        if wait:
+            return self.wait_job(job)  # the progress file, as for pulls
+        return {**job, "joined": True} if joined else job
+
+    def unload_model(self, model: str) -> JsonDict:
+        return self._call("unload", {"model": names.parse(model).display})
 
     def close(self) -> None:
         """Nothing to release: every file is opened and closed per operation."""
@@ -227,7 +238,7 @@ class NfsTransport(GpuTransport):
         return f"<NfsTransport {self.paths.host_id} on {self.nfs.root}>"
 
     # --- the round trip ---------------------------------------------------------------------------
-    def _call(self, op: str, args: dict | None = None, *, timeout: float | None = None) -> dict:
+    def _call(self, op: str, args: JsonDict | None = None, *, timeout: float | None = None) -> JsonDict:
         self._check_share()
         live = self._liveness()
         if live.alive is False:
@@ -246,7 +257,7 @@ class NfsTransport(GpuTransport):
         check_every = max(self.nfs.poll_interval, self._monitor.interval() / 4)
         next_check = [started + check_every]
 
-        def watch_heartbeat():
+        def watch_heartbeat() -> None:
             now = time.monotonic()
             if now >= next_check[0]:
                 next_check[0] = now + check_every
@@ -290,6 +301,10 @@ class NfsTransport(GpuTransport):
                 f"(no {spool.SENTINEL}): mount it (GPU_BRIDGE_NFS_ROOT) and run `gpu-bridge nfs-init` once",
                 host=self.label, code=ShareNotReady.code)
 
+    def heartbeat(self) -> spool.Liveness:
+        """The worker's heartbeat as judged now, without waiting (the backend's metrics, at scrape)."""
+        return self._liveness()
+
     def _liveness(self) -> spool.Liveness:
         with self._monitor_lock:
             return self._monitor.check()
@@ -310,13 +325,13 @@ class NfsTransport(GpuTransport):
     def _down(self, what: str, live: spool.Liveness) -> GpuHostUnreachable:
         return GpuHostUnreachable(f"{what}: {live.describe()}: {_DOWN_HINT}", host=self.label)
 
-    def _read_models(self) -> dict | None:
+    def _read_models(self) -> JsonDict | None:
         try:
             return spool.read_json(self.paths.models)
         except (ChannelError, OSError):
             return None
 
-    def _read_progress(self, job_id: str) -> dict | None:
+    def _read_progress(self, job_id: str) -> JsonDict | None:
         try:
             doc = spool.read_json(self.paths.job_path(job_id))
         except (ChannelError, OSError):
@@ -326,7 +341,7 @@ class NfsTransport(GpuTransport):
         return doc
 
     @staticmethod
-    def _fresh(snapshot: dict | None, hb: dict) -> TypeGuard[dict]:
+    def _fresh(snapshot: JsonDict | None, hb: JsonDict) -> TypeGuard[JsonDict]:
         """models.json written by the running worker within refresh_interval + 3 heartbeats."""
         if not snapshot or snapshot.get("boot") != hb.get("boot"):
             return False
@@ -337,34 +352,11 @@ class NfsTransport(GpuTransport):
             return False
         return 0 <= (h_counter - m_counter) * interval <= refresh + spool.DEAD_AFTER_BEATS * interval
 
-    def _error(self, body: dict | None) -> GpuBridgeError:
-        """A worker's error answer -> our error type, exactly as HttpTransport maps the GPU server's."""
-        body = body if isinstance(body, dict) else {}
-        label = self.label
-        code = raw_code if isinstance(raw_code := body.get("code"), str) else "gpu_server_error"
-        message = body.get("error") if isinstance(body.get("error"), str) else f"error {code}"
-        status = body.get("status") if isinstance(body.get("status"), int) else None
-        extra = {"job": body["job"]} if body.get("job") is not None else {}
-        detail = f"{label}: {message}"
-        if code == "command_expired":
-            return GpuHostTimeout(detail, host=label, code=code, extra=extra)
-        if code in _HOST_DOWN_CODES:
-            return GpuHostError(f"{detail} (check ollama.service on {self.host.name})", host=label,
-                                status=504 if code == "ollama_timeout" else 503, code=code, extra=extra)
-        cls = _CODE_TYPES.get(code)
-        if cls is None:
-            if status is None or status >= 500:
-                return GpuHostError(detail, host=label, status=502 if status in (None, 500) else status, code=code,
-                                    extra=extra)
-            cls = {400: InvalidRequest, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
-                   429: RateLimited}.get(status, GpuBridgeError)
-        kwargs: dict = {"host": label, "code": code, "extra": extra}
-        if status is not None:
-            kwargs["status"] = status
-        if issubclass(cls, RateLimited):
-            retry = body.get("retry_after")
-            kwargs["retry_after"] = int(retry) if isinstance(retry, int | float) else 1
-        return cls(detail, **kwargs)
+    def _error(self, body: object) -> GpuBridgeError:
+        """A worker's error answer (``spool.error_to_dict``) -> our error type, by the shared mapping."""
+        fields = body if isinstance(body, dict) else {}
+        return error_from_wire(fields, host=self.host, status=fields.get("status"),
+                               retry_after=fields.get("retry_after"))
 
 
 def _check_job_id(job_id: object) -> str:

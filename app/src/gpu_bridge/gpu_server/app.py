@@ -1,4 +1,4 @@
-"""The GPU server's application factory: settings, shared state, auth, request log, JSON errors.
+"""The GPU server's application factory: settings, shared state, and the web layer (web.py) installed.
 
 Jobs, the rate-limit bucket and the metrics live in this process's memory. That is correct because
 the server runs as ONE gunicorn worker process with threads (docs/architecture.md, "Why one gunicorn
@@ -8,81 +8,30 @@ processes would each keep their own, duplicating downloads and multiplying limit
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
-import re
-import sys
-import threading
-import time
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import cast
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, request
 from flask.json.provider import DefaultJSONProvider
-from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..config import GpuServerSettings, token_lines
-from ..errors import ConfigError, GpuBridgeError, InvalidRequest, RateLimited, Unauthorized
-from ..job_state import JobStateFile
-from ..jobs import JobManager
-from ..ollama import OllamaAdapter
-from ..request_guard import REQUEST_ID_HEADER, method_label, read_body, request_id
-from .health import GpuProbe, OllamaProbe
+from ..errors import ConfigError
+from ..gpu_service import GpuService
+from ..logs import configure_logging
+from ..request_guard import read_body
+from ..web import RequestLog, install_bearer_auth, install_error_handlers, install_request_hooks
 from .metrics import Metrics
 from .ratelimit import TokenBucket
+from .state import EXTENSION, ServerState
 
 log = logging.getLogger("gpu_bridge.gpu_server")
-access_log = logging.getLogger("gpu_bridge.access")
+PROCESS = "gpu-server"
 
-EXTENSION = "gpu_bridge"
 # Endpoints reachable without a token (metrics only when GPU_BRIDGE_METRICS_PUBLIC=true).
 OPEN_ENDPOINTS = frozenset({"api.health"})
 HEALTH_ROUTE = "/api/health"
-# Health and ready must answer quickly even when Ollama hangs.
-PROBE_READ_TIMEOUT = 5.0
-
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout", 409: "conflict",
-               411: "length_required", 413: "payload_too_large", 414: "uri_too_long",
-               415: "unsupported_media_type", 429: "rate_limited", 431: "headers_too_large",
-               500: "internal_error", 501: "not_implemented"}
-
-
-def probe_read_timeout(settings: GpuServerSettings) -> float:
-    return min(settings.ollama_read_timeout, PROBE_READ_TIMEOUT)
-
-
-@dataclass
-class ServerState:
-    """Everything the routes share; one per app (``app.extensions["gpu_bridge"]``)."""
-
-    settings: GpuServerSettings
-    adapter: OllamaAdapter
-    jobs: JobManager
-    metrics: Metrics
-    gpu: GpuProbe
-    limiter: TokenBucket
-    tokens: tuple[bytes, ...]  # every accepted token (one per line of the token file); empty: no auth
-    ollama_probe: OllamaProbe
-    started: float = field(default_factory=time.monotonic)
-    # ?wait=true holds a gunicorn thread for a whole pull: at most max_waiting_pulls at once, so
-    # health, ready and metrics always find a thread (a 429 tells the rest to poll the job).
-    wait_slots: threading.BoundedSemaphore = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.wait_slots = threading.BoundedSemaphore(max(self.settings.max_waiting_pulls, 1))
-
-    def probe_read_timeout(self) -> float:
-        return probe_read_timeout(self.settings)
-
-    def close(self) -> None:
-        self.jobs.shutdown()
-        self.adapter.close()
 
 
 def check_settings(settings: GpuServerSettings) -> None:
@@ -100,32 +49,6 @@ def _settings_from(config: GpuServerSettings | Mapping[str, str] | None) -> GpuS
     raise TypeError(f"config must be GpuServerSettings, a mapping of GPU_BRIDGE_* names or None, not {config!r}")
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line. Access-log records already carry their JSON as the message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.name == access_log.name:
-            return record.getMessage()
-        entry = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def _configure_logging() -> None:
-    """JSON lines on stderr for our loggers, unless the host process (e.g. pytest) configured logging."""
-    package_log = logging.getLogger("gpu_bridge")
-    if package_log.level == logging.NOTSET:
-        package_log.setLevel(logging.INFO)
-    if logging.getLogger().handlers or any(getattr(h, "_gpu_bridge", False) for h in package_log.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
-    handler._gpu_bridge = True  # type: ignore[attr-defined]
-    package_log.addHandler(handler)
-
-
 def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> Flask:
     """The GPU server. ``config``: settings, a mapping of ``GPU_BRIDGE_*`` names, or None for ``os.environ``.
 
@@ -134,7 +57,7 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
     """
     settings = _settings_from(config)
     check_settings(settings)
-    _configure_logging()
+    configure_logging(PROCESS)
     if not settings.api_token:
         log.warning("!!! GPU_BRIDGE_ALLOW_NO_TOKEN=true and no API token: the GPU server accepts EVERY request "
                     "without authentication. Never run like this outside development. !!!")
@@ -146,26 +69,20 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
     # Model names contain "/": "a//b" must reach the name check (400), not a merge-slashes redirect.
     app.url_map.merge_slashes = False
 
-    adapter = OllamaAdapter(settings.ollama_url, connect_timeout=settings.ollama_connect_timeout,
-                            read_timeout=settings.ollama_read_timeout)
-    state_box: dict = {}
-    metrics = Metrics(pull_counts=lambda: state_box["state"].jobs.counts(),
-                      ollama_up=lambda: state_box["state"].ollama_probe.status()["reachable"],
-                      gpu_snapshot=lambda: state_box["state"].gpu.snapshot())
-    jobs = JobManager(adapter, max_concurrent=settings.max_concurrent_pulls, max_queued=settings.max_queued_pulls,
-                      stall_timeout=settings.pull_stall_timeout, retention=settings.job_retention_seconds,
-                      on_change=metrics.job_changed, allowed_registries=settings.allowed_registries,
-                      # A reload's new worker process takes the pulls over from this file (job_state.py).
-                      state=JobStateFile(settings.job_state_file) if settings.job_state_file else None)
-    state = ServerState(settings=settings, adapter=adapter, jobs=jobs, metrics=metrics, gpu=GpuProbe(),
+    services: list[GpuService] = []  # the metrics' callbacks run at scrape time, after it is built
+    metrics = Metrics(pull_counts=lambda: services[0].pull_counts(),
+                      ollama_up=lambda: bool(services[0].ollama_status()["reachable"]),
+                      gpu_snapshot=lambda: services[0].gpu_snapshot(),
+                      loaded_models=lambda: services[0].loaded_snapshot())
+    # persist_jobs: a reload's new worker process takes the pulls over from the job state file.
+    service = GpuService(settings, on_job_change=metrics.job_changed, persist_jobs=True)
+    services.append(service)
+    state = ServerState(settings=settings, service=service, metrics=metrics,
                         limiter=TokenBucket(settings.rate_limit_per_minute),
-                        tokens=tuple(t.encode("utf-8") for t in token_lines(settings.api_token)),
-                        ollama_probe=OllamaProbe(adapter, probe_read_timeout(settings)))
-    state_box["state"] = state
+                        tokens=tuple(t.encode("utf-8") for t in token_lines(settings.api_token)))
     app.extensions[EXTENSION] = state
 
-    _install_hooks(app, state)
-    _install_error_handlers(app)
+    _install_web_layer(app, state)
     from .routes import api
 
     app.register_blueprint(api)
@@ -174,99 +91,26 @@ def create_app(config: GpuServerSettings | Mapping[str, str] | None = None) -> F
     return app
 
 
-def _install_hooks(app: Flask, state: ServerState) -> None:
+def _install_web_layer(app: Flask, state: ServerState) -> None:
+    """web.py's request ids, request log, JSON errors and bearer auth, with this server's differences:
+    metrics count every request; successful health checks are not logged unless
+    GPU_BRIDGE_LOG_HEALTH_CHECKS (monitors poll them every few seconds: a line each drowned the log
+    and cost a fifth of the endpoint's throughput); health (and metrics when public) need no token."""
+
+    def quiet(route: str, status: int) -> bool:
+        return route == HEALTH_ROUTE and status == 200 and not state.settings.log_health_checks
+
+    install_request_hooks(app, RequestLog(quiet=quiet, observe=state.metrics.observe_request))
+
     @app.before_request
-    def _start() -> None:
-        g.started = time.perf_counter()
-        g.request_id, problem = request_id(request)
-        if problem:
-            raise InvalidRequest(problem)
+    def _bounded_body() -> None:
         # No route reads a body, but a body is still read off the socket: sized or chunked, it must
         # stay under the limit (413), never be swallowed whatever its size.
         read_body(request, state.settings.max_body_bytes)
 
-    @app.before_request
-    def _authenticate() -> None:
-        if not state.tokens:  # GPU_BRIDGE_ALLOW_NO_TOKEN=true, warned about at start
-            return
-        if request.endpoint in OPEN_ENDPOINTS or (request.endpoint == "api.metrics" and state.settings.metrics_public):
-            return
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        given = given.strip()
-        if scheme.lower() != "bearer" or not given:
-            raise Unauthorized("authentication required: send 'Authorization: Bearer <token>'")
-        # Compare bytes: compare_digest on a non-ASCII str raises TypeError (a 500, and a timing leak).
-        # Every accepted token is compared (no early exit): the time does not say which one matched.
-        presented = given.encode("utf-8", "surrogatepass")
-        matched = False
-        for token in state.tokens:
-            matched |= hmac.compare_digest(presented, token)
-        if not matched:
-            raise Unauthorized("invalid bearer token")
+    def is_open(endpoint: str | None) -> bool:
+        return endpoint in OPEN_ENDPOINTS or (endpoint == "api.metrics" and state.settings.metrics_public)
 
-    @app.after_request
-    def _finish(response):
-        started = g.get("started") or time.perf_counter()
-        rid = g.get("request_id") or uuid.uuid4().hex
-        seconds = time.perf_counter() - started
-        response.headers[REQUEST_ID_HEADER] = rid
-        response.headers.setdefault("Cache-Control", "no-store")
-        if response.status_code == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="gpu-bridge"'
-        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        state.metrics.observe_request(method_label(request.method), route, response.status_code, seconds)
-        if route == HEALTH_ROUTE and response.status_code == 200 and not state.settings.log_health_checks:
-            # Load balancers poll health every few seconds: one log line each would drown the log and
-            # cost a fifth of the endpoint's throughput. /metrics still counts them.
-            return response
-        # Never the Authorization header, the token or the query string: method, path and outcome only.
-        access_log.info(json.dumps({
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": "request",
-            "method": request.method, "path": request.path, "route": route, "status": response.status_code,
-            "duration_ms": round(seconds * 1000, 2), "request_id": rid, "remote": request.remote_addr,
-        }))
-        return response
-
-
-def error_response(error: GpuBridgeError, extra: dict | None = None):
-    body = error.to_dict()
-    if extra:
-        body.update(extra)
-    response = jsonify(body)
-    response.status_code = error.status
-    if isinstance(error, RateLimited):
-        response.headers["Retry-After"] = str(error.retry_after)
-    return response
-
-
-def _install_error_handlers(app: Flask) -> None:
-    @app.errorhandler(GpuBridgeError)
-    def _project_error(error: GpuBridgeError):
-        return error_response(error)
-
-    @app.errorhandler(HTTPException)
-    def _http_error(error: HTTPException):
-        status = error.code or 500
-        code = _HTTP_CODES.get(status) or re.sub(r"[^a-z0-9]+", "_", (error.name or "error").lower()).strip("_")
-        if status == 404:
-            message = f"no such route: {request.method} {request.path}"
-        elif status == 405:
-            message = f"method {request.method} is not allowed on {request.path}"
-        elif status == 413:
-            message = f"request body is over the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
-        else:
-            message = error.description or error.name or "HTTP error"
-        response = jsonify({"error": message, "code": code})
-        response.status_code = status
-        # Keep meaningful headers (Allow on 405, Location on a redirect), never the HTML body.
-        for name in ("Allow", "Location", "Retry-After"):
-            value = error.get_headers() and dict(error.get_headers()).get(name)
-            if value:
-                response.headers[name] = value
-        return response
-
-    @app.errorhandler(Exception)
-    def _unexpected(error: Exception):
-        request_id = g.get("request_id", "-")
-        log.exception("unhandled error in %s %s (request_id=%s)", request.method, request.path, request_id)
-        return jsonify({"error": f"internal server error (request id {request_id})", "code": "internal_error"}), 500
+    # No token at all: GPU_BRIDGE_ALLOW_NO_TOKEN=true, warned about at start; every endpoint is open.
+    install_bearer_auth(app, state.tokens, is_open=is_open)
+    install_error_handlers(app, service="GPU server", log=log, docs_path="/api/openapi.json")

@@ -11,13 +11,28 @@ import copy
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import GpuBridgeError
 
+if TYPE_CHECKING:
+    from ..config import GpuServerSettings
+    from ..ollama import OllamaAdapter
+
 log = logging.getLogger(__name__)
 
+Report = dict[str, Any]
+# Health and ready must answer quickly even when Ollama hangs.
+PROBE_READ_TIMEOUT = 5.0
 
-def _text(value) -> str:
+
+def probe_read_timeout(settings: GpuServerSettings) -> float:
+    """The read timeout of the health and ready probes: Ollama's own, capped at ``PROBE_READ_TIMEOUT``."""
+    return min(settings.ollama_read_timeout, PROBE_READ_TIMEOUT)
+
+
+def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
@@ -25,13 +40,13 @@ class TtlCache:
     """``compute()``'s last value for ``ttl`` seconds, computed by one caller at a time; callers get
     a deep copy, so nobody can change the cached report."""
 
-    def __init__(self, compute, ttl: float):
+    def __init__(self, compute: Callable[[], Report], ttl: float) -> None:
         self.compute, self.ttl = compute, ttl
         self._lock = threading.Lock()
-        self._value: dict | None = None
+        self._value: Report | None = None
         self._at = 0.0
 
-    def get(self) -> dict:
+    def get(self) -> Report:
         with self._lock:
             if self._value is None or time.monotonic() - self._at >= self.ttl:
                 self._value = self.compute()
@@ -42,23 +57,23 @@ class TtlCache:
 class GpuProbe:
     """NVML, initialised once (a failed init is retried after ``ttl``), results cached for ``ttl`` s."""
 
-    def __init__(self, ttl: float = 5.0):
+    def __init__(self, ttl: float = 5.0) -> None:
         self._initialised = False
         self._cache = TtlCache(self._probe_safely, ttl)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Report:
         return self._cache.get()
 
-    def _probe_safely(self) -> dict:
+    def _probe_safely(self) -> Report:
         try:
             return self._probe()
         except Exception as exc:  # noqa: BLE001 - health must never raise
             log.exception("GPU probe failed")
             return {"available": False, "devices": [], "error": f"GPU probe failed: {exc}"}
 
-    def _probe(self) -> dict:
+    def _probe(self) -> Report:
         try:
-            import pynvml
+            import pynvml  # type: ignore[import-untyped,unused-ignore]  # nvidia-ml-py ships no type hints
         except ImportError:
             return {"available": False, "devices": [], "error": "nvidia-ml-py (pynvml) is not installed"}
         if not self._initialised:
@@ -72,14 +87,14 @@ class GpuProbe:
         except Exception as exc:  # noqa: BLE001
             return {"available": False, "devices": [], "error": f"cannot count GPUs: {exc}"}
         devices = [self._device(pynvml, index) for index in range(count)]
-        report: dict = {"available": count > 0, "devices": devices}
+        report: Report = {"available": count > 0, "devices": devices}
         if count == 0:
             report["error"] = "NVML found no GPU"
         return report
 
     @staticmethod
-    def _device(pynvml, index: int) -> dict:
-        device: dict = {"index": index, "name": None, "memory_total_bytes": None, "memory_used_bytes": None,
+    def _device(pynvml: Any, index: int) -> Report:  # Any: the untyped NVML module
+        device: Report = {"index": index, "name": None, "memory_total_bytes": None, "memory_used_bytes": None,
                         "utilization_percent": None, "temperature_c": None}
         errors = []
         try:
@@ -110,7 +125,7 @@ class GpuProbe:
         return device
 
 
-def _memory_info(pynvml, handle):
+def _memory_info(pynvml: Any, handle: Any) -> Any:
     """NVML's v2 memory figures when the driver has them, else v1.
 
     v1's ``used`` counts the memory the driver reserves for itself (615 MiB on an idle H200 with
@@ -126,7 +141,7 @@ def _memory_info(pynvml, handle):
     return pynvml.nvmlDeviceGetMemoryInfo(handle)
 
 
-def ollama_status(adapter, read_timeout: float) -> dict:
+def ollama_status(adapter: OllamaAdapter, read_timeout: float) -> Report:
     """``{"reachable", "version", "latency_ms", "error"?}``; never raises."""
     started = time.perf_counter()
     try:
@@ -148,8 +163,8 @@ class OllamaProbe:
     answer fresh enough for liveness while bounding Ollama's probe load to one request per second.
     """
 
-    def __init__(self, adapter, read_timeout: float, ttl: float = 1.0):
+    def __init__(self, adapter: OllamaAdapter, read_timeout: float, ttl: float = 1.0) -> None:
         self._cache = TtlCache(lambda: ollama_status(adapter, read_timeout), ttl)
 
-    def status(self) -> dict:
+    def status(self) -> Report:
         return self._cache.get()

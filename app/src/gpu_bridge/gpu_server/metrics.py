@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from ..jobs import Job
+from ..pull_job import PULL
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 600.0)
 
@@ -26,13 +31,13 @@ class GpuCollector:
         ("gpu_bridge_gpu_temperature_celsius", "GPU die temperature", "temperature_c"),
     )
 
-    def __init__(self, snapshot):
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.snapshot = snapshot
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []  # the series depend on the GPUs found at scrape time
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         report = self.snapshot()
         available = GaugeMetricFamily("gpu_bridge_gpu_available", "1 when NVML reports at least one GPU, else 0")
         available.add_metric([], 1.0 if report.get("available") else 0.0)
@@ -46,10 +51,46 @@ class GpuCollector:
             yield family
 
 
+class LoadedModelsCollector:
+    """Per-model gauges of what Ollama holds in memory (``/api/ps``), read at scrape time.
+
+    ``loaded()`` is ``GpuService.loaded_snapshot``: a short cache, asked with the health probe's read
+    timeout, so a scrape never waits longer on a hung Ollama; None when Ollama did not answer, and
+    then no per-model series at all (``gpu_bridge_ollama_up`` says why). A model that was unloaded
+    has no series on the next scrape: nothing is remembered between scrapes.
+    """
+
+    def __init__(self, loaded: Callable[[], list[dict[str, Any]] | None]) -> None:
+        self.loaded = loaded
+
+    def describe(self) -> list[Metric]:
+        return []  # the series depend on the models loaded at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        models = self.loaded() or []
+        loaded = GaugeMetricFamily("gpu_bridge_model_loaded", "1 for each model Ollama holds in memory",
+                                   labels=["model"])
+        vram = GaugeMetricFamily("gpu_bridge_model_vram_bytes", "Bytes of a loaded model in GPU memory",
+                                 labels=["model"])
+        spill = GaugeMetricFamily("gpu_bridge_model_cpu_spill", "1 when part of a loaded model is in system "
+                                  "memory (size_vram < size: it runs slower), else 0", labels=["model"])
+        for model in models:
+            name = str(model.get("name") or "")
+            loaded.add_metric([name], 1.0)
+            vram.add_metric([name], float(model.get("size_vram") or 0))
+            spill.add_metric([name], 1.0 if model.get("cpu_spill") else 0.0)
+        yield loaded
+        yield vram
+        yield spill
+
+
 class Metrics:
-    def __init__(self, *, pull_counts, ollama_up, gpu_snapshot=None):
+    def __init__(self, *, pull_counts: Callable[[], dict[str, Any]], ollama_up: Callable[[], bool],
+                 gpu_snapshot: Callable[[], dict[str, Any]] | None = None,
+                 loaded_models: Callable[[], list[dict[str, Any]] | None] | None = None) -> None:
         """``pull_counts()`` → ``{"running", "queued"}``; ``ollama_up()`` → bool; ``gpu_snapshot()`` →
-        GpuProbe's report (all called at scrape time)."""
+        GpuProbe's report; ``loaded_models()`` → ``GpuService.loaded_snapshot()`` (all called at scrape
+        time)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("gpu_bridge_http_requests_total", "HTTP requests by route (URL rule) and status",
                                 ["method", "route", "status"], registry=self.registry)
@@ -63,6 +104,8 @@ class Metrics:
               registry=self.registry).set_function(lambda: 1.0 if ollama_up() else 0.0)
         if gpu_snapshot is not None:
             self.registry.register(GpuCollector(gpu_snapshot))
+        if loaded_models is not None:
+            self.registry.register(LoadedModelsCollector(loaded_models))
         self.pulls_finished = Counter("gpu_bridge_pulls_finished_total", "Finished pull jobs by final state",
                                       ["state"], registry=self.registry)
         self._finished_ids: OrderedDict[str, None] = OrderedDict()
@@ -72,9 +115,9 @@ class Metrics:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
 
-    def job_changed(self, job) -> None:
-        """JobManager's ``on_change``: count each job once, when it reaches a final state."""
-        if not job.finished:
+    def job_changed(self, job: Job) -> None:
+        """JobManager's ``on_change``: count each pull once, when it reaches a final state."""
+        if not job.finished or job.kind != PULL:
             return
         with self._lock:
             if job.id in self._finished_ids:

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from ..config import DEFAULT_ALLOWED_REGISTRIES
+from ..keep_alive import MAX_SECONDS
+from ..keep_alive import PATTERN as KEEP_ALIVE_PATTERN
 from ..names import MAX_NAME_LENGTH, name_pattern
 from ..request_guard import REQUEST_ID_PATTERN
 
+Json = dict[str, Any]  # a piece of the OpenAPI document
 
-def _ref(name: str) -> dict:
+
+def _ref(name: str) -> Json:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
+def _json(schema: Json, description: str, headers: Json | None = None) -> Json:
     response = {"description": description, "content": {"application/json": {"schema": schema}}}
     if headers:
         response["headers"] = headers
     return response
 
 
-def _error(description: str, headers: dict | None = None) -> dict:
+def _error(description: str, headers: Json | None = None) -> Json:
     return _json(_ref("Error"), description, headers)
 
 
@@ -35,7 +40,7 @@ _REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
                "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": REQUEST_ID_PATTERN}}
 
 
-def model_name_parameter(allowed_registries: tuple[str, ...] | None) -> dict:
+def model_name_parameter(allowed_registries: tuple[str, ...] | None) -> Json:
     """The ``name`` path parameter: Ollama's grammar exactly (names.name_pattern); for a pull, a
     three-part name's registry must be on the allow-list (GPU_BRIDGE_ALLOWED_REGISTRIES)."""
     registries = "" if allowed_registries is None else \
@@ -52,7 +57,7 @@ _MODEL_NAME = model_name_parameter(None)
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _UNAUTHORIZED = _error("missing or wrong bearer token (code unauthorized)")
 
-SCHEMAS: dict = {
+SCHEMAS: Json = {
     "Error": {
         "type": "object", "required": ["error", "code"],
         "properties": {
@@ -68,6 +73,10 @@ SCHEMAS: dict = {
                      "created_at", "started_at", "finished_at", "updated_at"],
         "properties": {
             "id": {"type": "string"},
+            "kind": {"type": "string", "enum": ["pull", "load"],
+                     "description": "pull: a download (byte progress); load: into GPU memory (no byte progress)"},
+            "keep_alive": {"type": "number", "nullable": True,
+                           "description": "loads only: seconds, -1 forever, null for Ollama's default"},
             "model": {"type": "string", "description": "the model as pulled, with its tag"},
             "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
             "completed": {"type": "integer", "description": "bytes downloaded, summed over layers"},
@@ -104,6 +113,45 @@ SCHEMAS: dict = {
     "ModelList": {"type": "object", "required": ["models"],
                   "properties": {"models": {"type": "array", "items": _ref("Model")}}},
     "Deleted": {"type": "object", "required": ["deleted"], "properties": {"deleted": {"type": "string"}}},
+    "CopyRequest": {
+        "type": "object", "required": ["source", "destination"],
+        "properties": {"source": _MODEL_NAME["schema"], "destination": _MODEL_NAME["schema"]},
+    },
+    "Copied": {
+        "type": "object", "required": ["source", "destination", "digest"],
+        "properties": {"source": {"type": "string"}, "destination": {"type": "string"},
+                       "digest": {**_NULLABLE_STR,
+                                  "description": "the copy's digest (the source's: the blobs are shared)"}},
+    },
+    "LoadedModel": {
+        "type": "object",
+        "required": ["name", "model", "digest", "size", "size_vram", "cpu_spill", "context_length", "expires_at"],
+        "properties": {
+            "name": {"type": "string", "example": "llama3.2:latest"}, "model": {"type": "string"},
+            "digest": {"type": "string", "description": "hex, without sha256:"},
+            "size": {"type": "integer", "description": "bytes in memory (weights and context), GPU and system"},
+            "size_vram": {"type": "integer", "description": "of which bytes in GPU memory"},
+            "cpu_spill": {"type": "boolean",
+                          "description": "size_vram < size: part of the model runs from system memory (slow)"},
+            "context_length": {"type": "integer", "nullable": True,
+                               "description": "the runner's context window (null from an Ollama too old)"},
+            "expires_at": {"type": "string", "description": "when Ollama unloads it, as Ollama gives it (local "
+                                                            "time, nanoseconds); about 292 years ahead: forever"},
+        },
+    },
+    "LoadedModelList": {"type": "object", "required": ["models"],
+                        "properties": {"models": {"type": "array", "items": _ref("LoadedModel")}}},
+    "LoadRequest": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"keep_alive": {
+            "description": "how long the model stays loaded after its last use: a duration (30s, 5m, 1h30m: "
+                           f"units ns us ms s m h), seconds, or forever / -1; more than zero, at most {MAX_SECONDS} s "
+                           "(a year) unless forever; absent: Ollama's default (OLLAMA_KEEP_ALIVE)",
+            "oneOf": [{"type": "string", "pattern": KEEP_ALIVE_PATTERN, "example": "1h"},
+                      {"type": "number", "enum": [-1]},
+                      {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_SECONDS}]}},
+    },
+    "Unloaded": {"type": "object", "required": ["unloaded"], "properties": {"unloaded": {"type": "string"}}},
     "Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
     "GpuDevice": {
         "type": "object",
@@ -142,7 +190,7 @@ SCHEMAS: dict = {
     },
 }
 
-PATHS: dict = {
+PATHS: Json = {
     "/api/health": {"get": {
         "summary": "Health of this GPU host (no authentication; never fails)", "operationId": "health",
         "security": [],
@@ -191,6 +239,58 @@ PATHS: dict = {
                           "503": _error("ollama_unavailable")},
         },
     },
+    "/api/models/loaded": {"get": {
+        "summary": "Models in memory now (Ollama's /api/ps), with the part spilled to system memory",
+        "operationId": "loadedModels",
+        "responses": {"200": _json(_ref("LoadedModelList"), "loaded models"), "401": _UNAUTHORIZED,
+                      "503": _error("Ollama is not reachable (ollama_unavailable)"),
+                      "504": _error("Ollama did not answer in time (ollama_timeout)")},
+    }},
+    "/api/models/{name}/load": {"post": {
+        "summary": "Load an installed model into GPU memory (or join the same load running)",
+        "operationId": "loadModel",
+        "description": "A background job of kind load (follow or cancel it under /api/jobs); 202 at once, or with "
+                       "wait=true when it ends. Nothing is downloaded: the grammar applies, the registry "
+                       "allow-list does not. Rate-limited.",
+        "parameters": [_MODEL_NAME, {"name": "wait", "in": "query", "required": False, "schema": {"type": "boolean"}}],
+        "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("LoadRequest")}}},
+        "responses": {
+            "200": _json(_ref("Job"), "wait=true: the model is loaded", _LOCATION),
+            "202": _json(_ref("Job"), "the load job (joined: true when it joined a running load)", _LOCATION),
+            "400": _error("invalid_model_name; invalid_request: a bad keep_alive (zero, over a year), a body that "
+                          "is not a JSON object, an unknown field; wait=true: an embedding-only model"),
+            "401": _UNAUTHORIZED, "403": _error("forbidden: an Origin header (not for browsers)"),
+            "404": _error("model_not_found: not installed on this host (pull it first)"),
+            "409": _error("wait=true: the job was cancelled (code cancelled)"),
+            "415": _error("unsupported_media_type: the body is not application/json"),
+            "429": _error("rate_limited, queue_full or too_many_waits", _RETRY_AFTER),
+            "502": _error("wait=true: ollama_error"), "503": _error("ollama_unavailable"),
+            "504": _error("ollama_timeout (with wait=true: the load took longer than GPU_BRIDGE_PULL_STALL_TIMEOUT)"),
+        },
+    }},
+    "/api/models/{name}/unload": {"post": {
+        "summary": "Unload a model from memory now (no error when it was not loaded)", "operationId": "unloadModel",
+        "description": "Rate-limited.",
+        "parameters": [_MODEL_NAME],
+        "responses": {"200": _json(_ref("Unloaded"), "not in memory any more"), "400": _error("invalid_model_name"),
+                      "401": _UNAUTHORIZED, "404": _error("model_not_found: not installed"),
+                      "429": _error("rate_limited", _RETRY_AFTER), "503": _error("ollama_unavailable"),
+                      "504": _error("ollama_timeout")},
+    }},
+    "/api/copy": {"post": {
+        "summary": "Copy a model under another name (no download: the blobs are shared)", "operationId": "copyModel",
+        "description": "Both names are checked by the grammar; the registry allow-list does not apply (nothing is "
+                       "fetched). models as code keeps the build an update replaces, and rolls back, with it. "
+                       "Rate-limited.",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CopyRequest")}}},
+        "responses": {"200": _json(_ref("Copied"), "copied"),
+                      "400": _error("invalid_model_name or invalid_request (a missing field, not JSON)"),
+                      "401": _UNAUTHORIZED, "403": _error("forbidden: an Origin header (not for browsers)"),
+                      "404": _error("model_not_found: the source is not installed"),
+                      "415": _error("unsupported_media_type: the body is not application/json"),
+                      "429": _error("rate_limited", _RETRY_AFTER),
+                      "503": _error("ollama_unavailable"), "504": _error("ollama_timeout")},
+    }},
     "/api/jobs": {"get": {
         "summary": "Pull jobs, newest first (finished ones are kept for GPU_BRIDGE_JOB_RETENTION s)",
         "operationId": "listJobs",
@@ -222,7 +322,7 @@ PATHS: dict = {
 }
 
 
-def build_document(version: str, allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> dict:
+def build_document(version: str, allowed_registries: tuple[str, ...] = DEFAULT_ALLOWED_REGISTRIES) -> Json:
     """The document as this server applies it: the pull route's name pattern carries the allow-list."""
     paths = copy.deepcopy(PATHS)
     pull = paths["/api/models/{name}"]["post"]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 
 
 class TokenBucket:
     """``per_minute`` requests a minute on average, bursts up to ``per_minute``; 0 disables it."""
 
-    def __init__(self, per_minute: int, *, clock=time.monotonic):
+    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_minute = per_minute
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0  # tokens per second
