@@ -56,9 +56,9 @@ def test_bad_values_name_what_to_fix(env, kwargs, fragment):
 def test_the_defaults_are_the_roles_defaults(role):
     """scripts/bench runs the module without GPU_BRIDGE_GUNICORN_*: it measures what the roles deploy."""
     defaults = yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text())
-    assert defaults[f"{role}_threads"] == serve.DEFAULT_THREADS
-    assert defaults[f"{role}_timeout"] == serve.DEFAULT_TIMEOUT
-    assert defaults[f"{role}_graceful_timeout"] == serve.DEFAULT_GRACEFUL_TIMEOUT
+    assert defaults[f"{role}_threads"] == serve.THREADS.default
+    assert defaults[f"{role}_timeout"] == serve.TIMEOUT.default
+    assert defaults[f"{role}_graceful_timeout"] == serve.GRACEFUL_TIMEOUT.default
 
 
 def _gunicorn_conf(env: dict) -> subprocess.CompletedProcess:

@@ -9,8 +9,9 @@ Three launch paths read :func:`gunicorn_options`, so what is tested and measured
 * ``scripts/bench``: the first path, with the roles' default values.
 
 One worker process on purpose: jobs, rate limits, breakers and metrics live in its memory (see
-docs/architecture.md, "Why one gunicorn process with threads"). These variables configure the server
-process, not the app, which is why they are read here and not in ``config.py``.
+docs/architecture.md, "Why one gunicorn process with threads"). The ``GPU_BRIDGE_GUNICORN_*`` settings
+configure the server process, not the app: they are declared here, with config.py's ``Setting`` types,
+and the README's "gunicorn (both services)" table gives them.
 """
 
 from __future__ import annotations
@@ -22,15 +23,19 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from .config import env_int, env_str
+from .config_fields import IntSetting, OptionalStrSetting, StrSetting
 from .errors import ConfigError
 
-# The roles' defaults (gpu_http_server_threads / _timeout / _graceful_timeout and prod_backend_*);
-# tests/core/test_core_serve.py keeps the two in step.
-DEFAULT_THREADS = 8
-DEFAULT_TIMEOUT = 60
-DEFAULT_GRACEFUL_TIMEOUT = 30
-DEFAULT_PROC_NAME = "gpu-bridge"
+# The defaults are the roles' (gpu_http_server_threads / _timeout / _graceful_timeout and prod_backend_*);
+# tests/core/test_core_serve.py keeps them in step.
+BIND = OptionalStrSetting("GPU_BRIDGE_GUNICORN_BIND", None, "HOST:PORT or unix:/PATH; unset: systemd's socket")
+THREADS = IntSetting("GPU_BRIDGE_GUNICORN_THREADS", 8, "threads of the one worker process", minimum=1)
+TIMEOUT = IntSetting("GPU_BRIDGE_GUNICORN_TIMEOUT", 60, "seconds of silence before the worker is restarted",
+                     minimum=1)
+GRACEFUL_TIMEOUT = IntSetting("GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT", 30,
+                              "seconds a stop or restart waits for requests in flight")
+PROC_NAME = StrSetting("GPU_BRIDGE_GUNICORN_PROC_NAME", "gpu-bridge", "the process name gunicorn logs")
+DEFAULT_THREADS = THREADS.default
 
 # What no deployment changes.
 FIXED_OPTIONS: dict[str, Any] = {
@@ -58,21 +63,19 @@ def gunicorn_options(env: Mapping[str, str], *, bind: str | None = None, threads
     then the explicit arguments. Without a bind address here gunicorn uses the sockets systemd passes
     (socket activation) or its own default. A malformed value raises ``ConfigError`` naming it."""
     options = dict(FIXED_OPTIONS)
-    bind = bind or env_str(env, "GPU_BRIDGE_GUNICORN_BIND", "")
+    bind = bind or BIND.read(env)
     if bind:
         if not _BIND.match(bind):
             raise ConfigError(f"bind address {bind!r} must be HOST:PORT (e.g. 127.0.0.1:8001) or unix:/PATH")
         options["bind"] = [bind]
-    options["threads"] = threads if threads is not None else env_int(
-        env, "GPU_BRIDGE_GUNICORN_THREADS", DEFAULT_THREADS, minimum=1)
+    options["threads"] = threads if threads is not None else THREADS.read(env)
     if options["threads"] < 1:
         raise ConfigError(f"threads must be >= 1, not {options['threads']}")
     # gthread keeps long requests (a ?wait=true pull) alive; the timeout only guards a hung worker.
-    options["timeout"] = timeout if timeout is not None else env_int(
-        env, "GPU_BRIDGE_GUNICORN_TIMEOUT", DEFAULT_TIMEOUT, minimum=1)
+    options["timeout"] = timeout if timeout is not None else TIMEOUT.read(env)
     # How long a stop or restart waits for requests in flight (the units' TimeoutStopSec= adds to it).
-    options["graceful_timeout"] = env_int(env, "GPU_BRIDGE_GUNICORN_GRACEFUL_TIMEOUT", DEFAULT_GRACEFUL_TIMEOUT)
-    options["proc_name"] = env_str(env, "GPU_BRIDGE_GUNICORN_PROC_NAME", DEFAULT_PROC_NAME)
+    options["graceful_timeout"] = GRACEFUL_TIMEOUT.read(env)
+    options["proc_name"] = PROC_NAME.read(env)
     return options
 
 
