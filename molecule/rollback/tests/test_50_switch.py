@@ -36,18 +36,27 @@ def playbook(phase):
     return "rollback_nfs.yml" if phase == "rollback" else "restore_http.yml"
 
 
+def _slack() -> float:
+    """2 while the machine is oversubscribed (load average above its CPU count: CI runs molecule nfs beside
+    this scenario), else 1: the targets hold on a machine that is not, and a regression to minutes fails
+    either way."""
+    return 2.0 if os.getloadavg()[0] > (os.cpu_count() or 1) else 1.0
+
+
 def test_the_switch_and_its_rerun_take_seconds_and_need_no_package_index(playbook):
     first, rerun = _runs(playbook)[-2:]
+    slack = _slack()
     print(f"\n{playbook}: {first['seconds']} s (changed={first['changed']}), re-run {rerun['seconds']} s "
           f"(changed={rerun['changed']}); before this release {OLD_S[playbook] // 60} min {OLD_S[playbook] % 60} s; "
-          f"attempts to reach a package index: {first['index_attempts'] + rerun['index_attempts']}")
+          f"attempts to reach a package index: {first['index_attempts'] + rerun['index_attempts']}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: limits x{slack:g}")
     for run in (first, rerun):
         assert run["rc"] == 0 and run["failed"] == 0, run["log"]
         assert run["index_attempts"] == 0, run
     assert first["changed"] > 0  # it did switch
     assert rerun["changed"] == 0, rerun["log"]
-    assert first["seconds"] <= TARGET_S[playbook], first
-    assert rerun["seconds"] <= RERUN_TARGET_S, rerun
+    assert first["seconds"] <= TARGET_S[playbook] * slack, first
+    assert rerun["seconds"] <= RERUN_TARGET_S * slack, rerun
 
 
 def test_the_switch_builds_installs_and_mounts_nothing(playbook):
