@@ -4,7 +4,7 @@ subprocess (not a terminal).
 
 - ``/config/drift``: missing, extra (declared absent; not declared with prune), diverged (a new build
   pulled on one host of a group), unreachable; the ``gpu_bridge_model_drift`` series come and go;
-- a declared-models file that is broken or absent: 503 with the reason, never a 500;
+- a declared-models file that is broken: 503 with the reason; none configured: 404; never a 500;
 - the CLI: ``drift`` and ``plan`` exit 0 / 1 / 2; ``apply`` converges and the next plan is empty, and
   with prune off nothing undeclared is deleted; ``apply --update --canary 1`` rolls a new build out
   canary first, and stops at a canary failure with the other host untouched; ``rollback`` restores the
@@ -138,17 +138,17 @@ def test_drift_is_answered_from_the_last_observation_and_says_how_old_it_is(gpu_
     assert drift_of(backend)["in_sync"] is True  # ?refresh=true observes again
 
 
-@pytest.mark.parametrize(("content", "code"), [
-    ("{not json", "declared_state_invalid"),
-    (json.dumps({"hosts": {"gpu-99": {"models": []}}}), "declared_state_invalid"),
-    (json.dumps({"hosts": {"127.0.0.1": {"models": [{"name": "llama3:"}]}}}), "declared_state_invalid"),
-    (None, "drift_not_configured"),
+@pytest.mark.parametrize(("content", "status", "code"), [
+    ("{not json", 503, "declared_state_invalid"),
+    (json.dumps({"hosts": {"gpu-99": {"models": []}}}), 503, "declared_state_invalid"),
+    (json.dumps({"hosts": {"127.0.0.1": {"models": [{"name": "llama3:"}]}}}), 503, "declared_state_invalid"),
+    (None, 404, "drift_not_configured"),
 ])
-def test_an_unusable_declaration_is_a_503_with_the_reason(gpu_side, fleet, content, code):
+def test_an_unusable_or_absent_declaration_is_answered_with_the_reason(gpu_side, fleet, content, status, code):
     backend = fleet(content)
     for path in ("/config/drift", "/config/plan"):
         r = requests.get(backend.url + path, timeout=10)
-        assert (r.status_code, r.json()["code"]) == (503, code), r.text
+        assert (r.status_code, r.json()["code"]) == (status, code), r.text
     assert requests.get(backend.url + "/config/models", timeout=10).status_code == 200  # the rest still works
     r = cli(backend, "models", "drift")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("gpu-bridge: error: "), r.stderr

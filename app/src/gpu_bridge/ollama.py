@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import socket
 import threading
 from collections.abc import Iterator, Mapping
-from datetime import datetime
-from typing import Any
 
 import requests
 from urllib3.exceptions import HTTPError, ReadTimeoutError
@@ -43,13 +40,13 @@ from .errors import (
     OllamaUnavailable,
 )
 from .ollama_loaded import LoadedModelsApi
+from .ollama_wire import JsonDict, as_str, normalise_model, normalise_progress, normalise_running, parse_timestamp
+
+__all__ = ["OllamaAdapter", "map_error", "normalise_model", "normalise_progress", "normalise_running",
+           "parse_timestamp"]
 
 log = logging.getLogger(__name__)
 
-# A JSON object, as this module hands normalised entries on: they travel unchanged into HTTP bodies,
-# the spool's models.json and job snapshots, whose code treats them as JSON. Each normaliser's
-# docstring gives the exact keys; the values are plain JSON (str, int, list, nested objects).
-JsonDict = dict[str, Any]
 
 # A pull stream's read timeout when the caller gives none: long enough for the silent verify phase
 # of a big model. Callers with a stall timeout pass ``read_timeout >= stall_timeout``.
@@ -60,99 +57,6 @@ _MAX_ERROR_TEXT = 300
 _READ_SIZE = 64 * 1024
 _MAX_LINE = 1024 * 1024
 
-_DETAIL_KEYS = ("parent_model", "format", "family", "families", "parameter_size", "quantization_level")
-_TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$")
-
-
-# --- normalisation ------------------------------------------------------------------------------
-def _as_int(value: object) -> int:
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value == value:
-        return int(value)
-    return 0
-
-
-def _as_str(value: object) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _normalise_details(raw: object) -> JsonDict:
-    """``details`` with exactly the six known keys (strings, ``families`` a list of strings)."""
-    fields: Mapping[str, object] = raw if isinstance(raw, dict) else {}
-    families = fields.get("families")
-    return {
-        "parent_model": _as_str(fields.get("parent_model")),
-        "format": _as_str(fields.get("format")),
-        "family": _as_str(fields.get("family")),
-        # null in Ollama's JSON for some models: always a list here
-        "families": [f for f in families if isinstance(f, str)] if isinstance(families, list) else [],
-        "parameter_size": _as_str(fields.get("parameter_size")),
-        "quantization_level": _as_str(fields.get("quantization_level")),
-    }
-
-
-def normalise_model(raw: Mapping[str, object]) -> JsonDict:
-    """One ``/api/tags`` entry → ``{name, size, digest, modified_at, details}`` (unknown keys dropped)."""
-    name = raw.get("name") or raw.get("model") or ""
-    return {
-        "name": _as_str(name),
-        "size": _as_int(raw.get("size")),
-        "digest": _as_str(raw.get("digest")),
-        "modified_at": _as_str(raw.get("modified_at")),  # as given: nanoseconds and offset kept
-        "details": _normalise_details(raw.get("details")),
-    }
-
-
-def normalise_running(raw: Mapping[str, object]) -> JsonDict:
-    """One ``/api/ps`` entry → ``{name, size, size_vram, digest, expires_at, details}``."""
-    model = normalise_model(raw)
-    return {
-        "name": model["name"],
-        "size": model["size"],
-        "size_vram": _as_int(raw.get("size_vram")),
-        "digest": model["digest"],
-        "expires_at": _as_str(raw.get("expires_at")),
-        "details": model["details"],
-    }
-
-
-def normalise_progress(raw: Mapping[str, object]) -> JsonDict:
-    """One pull-stream line → ``{"status", ["digest", "total", "completed"]}``.
-
-    Ollama omits ``completed``/``total`` while they are zero; layer lines always get both here.
-    """
-    event: JsonDict = {"status": _as_str(raw.get("status"))}
-    digest = raw.get("digest")
-    if isinstance(digest, str) and digest:
-        event["digest"] = digest
-    if "digest" in event or "total" in raw or "completed" in raw:
-        event["total"] = _as_int(raw.get("total"))
-        event["completed"] = _as_int(raw.get("completed"))
-    return event
-
-
-def parse_timestamp(value: str | None) -> datetime | None:
-    """Ollama's RFC 3339 timestamp (nanoseconds, local offset) → aware datetime; None if unparsable."""
-    if not value:
-        return None
-    match = _TIMESTAMP.match(value.strip())
-    if not match:
-        return None
-    base, fraction, offset = match.groups()
-    micros = (fraction or ".0")[1:7].ljust(6, "0")  # nanoseconds truncated to microseconds
-    offset = offset or "Z"
-    if offset == "Z":
-        offset = "+00:00"
-    elif ":" not in offset:
-        offset = f"{offset[:3]}:{offset[3:]}"
-    try:
-        parsed = datetime.fromisoformat(f"{base.replace(' ', 'T')}.{micros}{offset}")
-    except ValueError:
-        return None
-    return parsed
 
 
 # --- error mapping ------------------------------------------------------------------------------
@@ -297,7 +201,7 @@ class OllamaAdapter(LoadedModelsApi):
         """Ollama's version string (``GET /api/version``); the cheapest liveness probe."""
         resp = self._request("GET", "/api/version", "version", read_timeout=read_timeout)
         self._raise_for(resp)
-        return _as_str(self._json(resp, "/api/version").get("version")) or "unknown"
+        return as_str(self._json(resp, "/api/version").get("version")) or "unknown"
 
     def list_models(self) -> list[JsonDict]:
         """Installed models, normalised (see ``normalise_model``), in Ollama's order (newest first)."""
@@ -403,7 +307,7 @@ class OllamaAdapter(LoadedModelsApi):
                 if not isinstance(raw, dict):
                     continue
                 if "error" in raw:
-                    raise map_error(_as_str(raw.get("error")) or "pull failed", model=name)
+                    raise map_error(as_str(raw.get("error")) or "pull failed", model=name)
                 event = normalise_progress(raw)
                 yield event
                 if event["status"] == "success":

@@ -34,7 +34,10 @@ class InvalidDeclaredState(GpuBridgeError):
 
 
 class DriftNotConfigured(GpuBridgeError):
-    status = 503
+    """No declaration on this backend: nothing to compare with (a 404, this backend has no such
+    document; a 503 would call a deliberate setting a failure)."""
+
+    status = 404
     code = "drift_not_configured"
 
 

@@ -243,15 +243,17 @@ def openapi_document(hosts: list[str] | None = None,
                 "parameters": [_bool_query("refresh", "observe the GPU hosts now instead of answering from the last "
                                                       "observation")],
                 "responses": {"200": _json(drift_report, "the drift and the plan that would fix it"),
-                              "503": _err("no declared state: GPU_BRIDGE_DECLARED_MODELS_FILE unset "
-                                          "(drift_not_configured) or unusable (declared_state_invalid)")}}},
+                              "404": _err("no declared state: GPU_BRIDGE_DECLARED_MODELS_FILE is unset "
+                                          "(drift_not_configured)"),
+                              "503": _err("the declared-models file is unusable (declared_state_invalid)")}}},
             "/config/plan": {"get": {
                 "summary": "The actions that bring the GPU hosts to their declared models (what models apply runs)",
                 "parameters": [_bool_query("update", "re-pull every declared model for a newer build (each "
                                                      "replaced build is kept as a snapshot)"),
                                _bool_query("refresh", "observe the GPU hosts now")],
                 "responses": {"200": _json(drift_report, "the plan, with the drift it answers"),
-                              "503": _err("no declared state (drift_not_configured, declared_state_invalid)")}}},
+                              "404": _err("no declared state (drift_not_configured)"),
+                              "503": _err("the declared-models file is unusable (declared_state_invalid)")}}},
             "/config/copy-model": {"post": {
                 "summary": "Copy a model under another name on every (or the chosen) GPU host (no download)",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": copy_body}}},
