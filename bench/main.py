@@ -25,6 +25,7 @@ from bench.seed import SeedProducer
 from gpu_bridge.client.nfs import NfsTransport
 from gpu_bridge.config import BackendSettings, ClientSettings, GpuHost, NfsSettings
 from gpu_bridge.errors import GpuBridgeError
+from gpu_bridge.serve import DEFAULT_THREADS as DEPLOYED_THREADS
 
 NFS_HOST = "127.0.0.1"  # the worker's host id = the host name the backend lists
 STALL_TIMEOUT_S = 2.0
@@ -292,8 +293,8 @@ def _latency(env: dict, p: Profile, rounds: int, budget: Budget, sampler: RssSam
 
 def _throughput(stack: Stack, env: dict, p: Profile, rounds: int, budget: Budget, sampler: RssSampler) -> dict:
     headers = auth()
-    gpus = {8: env["gpu"]}
-    extra = [t for t in p.thread_counts if t != 8]
+    gpus = {DEPLOYED_THREADS: env["gpu"]}
+    extra = [t for t in p.thread_counts if t != DEPLOYED_THREADS]
     for threads in extra:
         gpus[threads] = stack.gpu_server(f"gpu-server-threads{threads}", env["ollama"].url, threads=threads)
     for threads in extra:
@@ -405,9 +406,9 @@ def _targets(results: dict) -> list[dict]:
     health = [r for r in results["throughput"]["rows"] if r["route"] == "GPU /api/health"]
     if health:
         best = max(health, key=lambda r: r["rps"])
-        deployed = max((r for r in health if r["threads"] == 8), key=lambda r: r["rps"])
+        deployed = max((r for r in health if r["threads"] == DEPLOYED_THREADS), key=lambda r: r["rps"])
         ceiling = next((r for r in results["throughput"]["rows"] if "401" in r["route"]), None)
-        comment = f"deployed (8 threads) best {deployed['rps']:.0f} req/s"
+        comment = f"deployed ({DEPLOYED_THREADS} threads) best {deployed['rps']:.0f} req/s"
         if ceiling:
             comment += f"; a 401 that never calls Ollama (but is access-logged) {ceiling['rps']:.0f} req/s"
         out.append({"target": f"GPU /api/health >= {HEALTH_RPS_TARGET:g} req/s on {os.cpu_count()} cores",

@@ -1,8 +1,10 @@
 """The processes a benchmark run starts, all on 127.0.0.1, and their memory (RSS of the process tree).
 
-Servers run the way the roles deploy them: gunicorn with one gthread worker process, 8 threads,
-gunicorn's access log on stdout (captured to a log file here), deployed defaults for every
-``GPU_BRIDGE_*`` setting except where a measurement needs another (named at each start).
+Servers run the way the roles deploy them: gunicorn with the units' settings module
+(``gpu_bridge.gunicorn_conf``: one gthread worker process, the roles' default threads and timeouts, no
+gunicorn access log, only the app's JSON request log; output captured to a log file here), deployed
+defaults for every ``GPU_BRIDGE_*`` setting except where a measurement needs another (named at each
+start).
 """
 
 from __future__ import annotations
@@ -151,15 +153,17 @@ class Stack:
     def process(self, name: str, argv: list[str], **env) -> Proc:
         return self._add(Proc(name, argv, clean_env(**env), self.tmp))
 
-    def gunicorn(self, name: str, app: str, env: dict, *, threads: int = 8) -> Proc:
+    def gunicorn(self, name: str, app: str, env: dict, *, threads: int | None = None) -> Proc:
+        """gunicorn as the units start it: the settings module they read (gpu_bridge.gunicorn_conf), with
+        the roles' defaults; only the port (and ``threads`` where a measurement varies it) set here."""
         port = free_port()
-        argv = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1",
-                "--worker-class", "gthread", "--threads", str(threads), "--timeout", "60",
-                # No --access-logfile: deployed servers (gpu_bridge.serve) write only our JSON request log.
-                "--graceful-timeout", "30", "--error-logfile", "-", "--no-control-socket", app]
+        argv = [str(VENV_BIN / "gunicorn"), "-c", "python:gpu_bridge.gunicorn_conf", app]
+        env = {**env, "GPU_BRIDGE_GUNICORN_BIND": f"127.0.0.1:{port}", "GPU_BRIDGE_GUNICORN_PROC_NAME": name}
+        if threads is not None:
+            env["GPU_BRIDGE_GUNICORN_THREADS"] = threads
         return self._add(Proc(name, argv, clean_env(**env), self.tmp, port))
 
-    def gpu_server(self, name: str, ollama_url: str, *, threads: int = 8, **extra) -> Proc:
+    def gpu_server(self, name: str, ollama_url: str, *, threads: int | None = None, **extra) -> Proc:
         env = {"GPU_BRIDGE_API_TOKEN": TOKEN, "GPU_BRIDGE_OLLAMA_URL": ollama_url, **extra}
         return self.gunicorn(name, GPU_APP, env, threads=threads)
 

@@ -1,5 +1,7 @@
 """The production backend host: gpu-bridge-backend on loopback, its secrets, reachability."""
 
+import json
+
 from molecule_support import (
     BACKEND_UNIT,
     BACKEND_URL,
@@ -67,6 +69,40 @@ def test_listening_sockets(host):
 def test_backend_health(host):
     r = http(host, "GET", BACKEND_URL + "/health")
     assert r["status"] == 200, r
+
+
+BACKEND_SOCKET_UNIT = "gpu-bridge-backend.socket"
+# Requests every 50 ms while `systemctl restart` runs, until 2 s after it returned: counts by outcome.
+_RESTART_PROBE = """
+import json, subprocess, sys, time, urllib.error, urllib.request
+seen = {}
+restart = subprocess.Popen(["systemctl", "restart", sys.argv[1]])
+until = None
+while until is None or time.monotonic() < until:
+    try:
+        with urllib.request.urlopen(sys.argv[2] + "/health", timeout=30) as r:
+            key = str(r.status)
+    except urllib.error.HTTPError as e:
+        key = str(e.code)
+    except OSError as e:
+        key = type(e).__name__
+    seen[key] = seen.get(key, 0) + 1
+    if until is None and restart.poll() is not None:
+        until = time.monotonic() + 2
+    time.sleep(0.05)
+print(json.dumps({"restart_rc": restart.returncode, "seen": seen}))
+"""
+
+
+def test_a_restart_refuses_no_request(host):
+    """The socket (gpu-bridge-backend.socket) stays open while the backend restarts: requests wait
+    for the new process instead of being refused (a channel switch restarts the backend)."""
+    pid = main_pid(host, BACKEND_UNIT)
+    result = json.loads(host.check_output("/usr/bin/python3 -c %s %s %s", _RESTART_PROBE, BACKEND_UNIT, BACKEND_URL))
+    assert result["restart_rc"] == 0, result
+    assert main_pid(host, BACKEND_UNIT) not in (0, pid)  # it did restart
+    assert set(result["seen"]) == {"200"}, result
+    assert host.service(BACKEND_SOCKET_UNIT).is_enabled
 
 
 def test_tls_files(host):
