@@ -16,11 +16,10 @@ from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 
 from .. import names
-from ..client.fleet import error_summary, summarize
 from ..errors import InvalidRequest
 from .drift import current_monitor, install
 from .inputs import bool_query, hosts_field, json_body
-from .outcomes import JsonDict, all_failed, audit, brief, outcome
+from .outcomes import JsonDict, change_answer, per_host
 from .pulls import listing_changed
 from .state import EXTENSION, BackendState, current_state, require_admin
 
@@ -58,17 +57,11 @@ def copy_model() -> ResponseReturnValue:
     source, destination = _name_field(body, "source"), _name_field(body, "destination")
     labels = hosts_field(body) or st.fleet.labels
     answers = st.fleet.fan_out(labels, "copy_model", source, destination, deadline=st.fleet.change_deadline)
-    results = {lbl: ({"ok": True, **(value or {})} if ok else error_summary(value)) for lbl, (ok, value) in
-               answers.items()}
-    summary = summarize(results)
+    results = per_host(answers)
     listing_changed(st)  # a new name on the hosts: no instance may serve its memo of the old listing
-    audit("copy", source, labels, outcome(summary), {"destination": destination, "results": brief(results)})
-    payload: JsonDict = {"source": source, "destination": destination, "results": results}
-    if summary["partial"]:
-        payload["partial"] = True
-    if not summary["ok"]:
-        return all_failed(f"copying {source} to {destination}", results, summary, payload)
-    return jsonify(payload)
+    return change_answer(f"copying {source} to {destination}", "copy", source, labels, results,
+                         {"source": source, "destination": destination, "results": results},
+                         {"destination": destination})
 
 
 __all__ = ["copy_model", "drift_report", "plan_report", "start_drift_monitor"]

@@ -29,7 +29,7 @@ from ..errors import InvalidRequest
 from ..ollama import parse_timestamp
 from .db import iso
 from .inputs import bool_field, hosts_field, json_body, model_field
-from .outcomes import JsonDict, all_failed, audit, brief, host_error, outcome
+from .outcomes import JsonDict, change_answer, host_error, per_host
 from .state import current_state, require_admin
 
 _MEMORY = "gpu_bridge_backend_loaded"
@@ -114,15 +114,9 @@ def load_model() -> ResponseReturnValue:
                                deadline=None if wait else st.fleet.change_deadline)
     results = {lbl: ({"ok": True, "job": value} if ok else error_summary(value)) for lbl, (ok, value) in
                answers.items()}
-    summary = summarize(results)
-    audit("load", model, labels, outcome(summary),
-          {"keep_alive": seconds, "wait": wait, "results": brief(results)})
-    payload: JsonDict = {"model": model, "keep_alive": seconds, "results": results}
-    if summary["partial"]:
-        payload["partial"] = True
-    if not summary["ok"]:
-        return all_failed(f"loading {model}", results, summary, payload)
-    return jsonify(payload), 200 if wait else 202
+    return change_answer(f"loading {model}", "load", model, labels, results,
+                         {"model": model, "keep_alive": seconds, "results": results},
+                         {"keep_alive": seconds, "wait": wait}, status=200 if wait else 202)
 
 
 def unload_model() -> ResponseReturnValue:
@@ -133,16 +127,9 @@ def unload_model() -> ResponseReturnValue:
     model = model_field(body)
     labels = hosts_field(body) or st.fleet.labels
     answers = st.fleet.fan_out(labels, "unload_model", model, deadline=st.fleet.change_deadline)
-    results = {lbl: ({"ok": True, **(value or {})} if ok else error_summary(value)) for lbl, (ok, value) in
-               answers.items()}
-    summary = summarize(results)
-    audit("unload", model, labels, outcome(summary), {"results": brief(results)})
-    payload: JsonDict = {"model": model, "results": results}
-    if summary["partial"]:
-        payload["partial"] = True
-    if not summary["ok"]:
-        return all_failed(f"unloading {model}", results, summary, payload)
-    return jsonify(payload)
+    results = per_host(answers)
+    return change_answer(f"unloading {model}", "unload", model, labels, results,
+                         {"model": model, "results": results}, {})
 
 
 __all__ = ["LastLoaded", "load_model", "loaded", "unload_model"]

@@ -9,6 +9,7 @@ from typing import Any
 from flask import Response, g, jsonify
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..client.fleet import Outcome, error_summary, summarize
 from ..logs import Fields
 from .state import current_state
 
@@ -61,3 +62,22 @@ def brief(results: dict[str, JsonDict]) -> dict[str, JsonDict]:
         else:
             out[lbl] = {"ok": False, "code": r.get("code"), "error": r.get("error")}
     return out
+
+
+def per_host(answers: dict[str, Outcome]) -> dict[str, JsonDict]:
+    """A fan-out's answers as per-host results: ``{"ok": true, **answer}`` or the host's error."""
+    return {lbl: ({"ok": True, **(value or {})} if ok else error_summary(value)) for lbl, (ok, value) in
+            answers.items()}
+
+
+def change_answer(what: str, action: str, model: str, labels: list[str], results: dict[str, JsonDict],
+                  payload: JsonDict, audit_detail: JsonDict, *, status: int = 200) -> tuple[Response, int]:
+    """The end of every route that changes something on GPU hosts: one audit entry, ``partial`` when
+    some hosts failed, and the all-failed answer when every one did (``what`` names the change)."""
+    summary = summarize(results)
+    audit(action, model, labels, outcome(summary), {**audit_detail, "results": brief(results)})
+    if summary["partial"]:
+        payload["partial"] = True
+    if not summary["ok"]:
+        return all_failed(what, results, summary, payload)
+    return jsonify(payload), status
