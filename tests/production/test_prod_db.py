@@ -54,7 +54,8 @@ def test_v1_database_with_data_is_upgraded_without_loss(db_url):
     body = client.get("/config/models").get_json()
     assert body["stale"] is True and body["source"] == "cache"
     assert body["models"] == [{"name": "llama3.2:latest", "size": 42, "digest": None, "modified_at": None,
-                               "details": None, "hosts": ["10.0.0.1:8001"]}]
+                               "details": None, "hosts": ["10.0.0.1:8001"], "digests": {"10.0.0.1:8001": None},
+                               "diverged": False, "snapshot": False}]
     assert body["fetched_at"] == at.isoformat().replace("+00:00", "Z")
     entries = client.get("/config/audit").get_json()["entries"]
     assert entries[-1]["model"] == "llama3.2:latest" and entries[-1]["detail"] == {"id": "old"}
