@@ -147,7 +147,9 @@ def test_served_documents_are_the_ones_tested(gpu_app, backend_app):
     # Every route the apps serve is described (static files aside), and nothing else.
     for app, doc in ((gpu_app, GPU_DOC), (backend_app, BACKEND_DOC)):
         served = {(m, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule).replace("{pull_id}", "{id}"))
-                  for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+                  for rule in app.url_map.iter_rules()
+                  # routes.py's _exact_methods guards only refuse (405) the methods a route does not take
+                  if rule.endpoint != "static" and not rule.endpoint.startswith("api.methods_")
                   for m in rule.methods - {"HEAD", "OPTIONS"}}
         documented = {(m.upper(), path) for path, ops in doc["paths"].items() for m in ops}
         assert served == documented, f"served only: {served - documented}; documented only: {documented - served}"
