@@ -111,9 +111,17 @@ class PlayRun:
         for play in self.plays:
             for task in play["tasks"]:
                 result = task["hosts"].get(host, {})
-                if result.get("failed"):
+                if result.get("failed") or result.get("unreachable"):
                     return result["msg"]
         raise AssertionError(f"nothing failed on {host}:\n{self.output[-3000:]}")
+
+    def why(self) -> str:
+        """For an assertion message: each failed host's message, else the end of the output."""
+        if self.data is None:
+            return self.output[-3000:]
+        failed = {host: self.failure(host) for host, counts in self.data["stats"].items()
+                  if counts["failures"] or counts["unreachable"]}
+        return "; ".join(f"{host}: {msg}" for host, msg in failed.items()) or self.output[-3000:]
 
     def changed(self, host: str) -> int:
         assert self.data is not None
