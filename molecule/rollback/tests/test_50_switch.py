@@ -20,7 +20,10 @@ OLD_S = {"rollback_nfs.yml": 129, "restore_http.yml": 131}
 # The only gpu_bridge_common tasks a switch may run: the read-only check that site.yml installed the app.
 COMMON_TASKS_ALLOWED = {"gpu_bridge_common : Look for the installed app",
                         "gpu_bridge_common : Fail unless site.yml installed the app here",
-                        "gpu_bridge_common : Remember the check for this run"}
+                        "gpu_bridge_common : Remember the check for this run",
+                        # the entry point's argument-spec check (meta/argument_specs.yml, `deployed`)
+                        "gpu_bridge_common : Validating arguments against arg spec 'deployed' - Read-only check "
+                        "that site.yml installed the app on this host."}
 
 
 def _runs(playbook: str) -> list[dict]:
